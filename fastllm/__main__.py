@@ -1,0 +1,3 @@
+from fastllm.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Export checkpoints to ONNX (needs the `export` extra: torch, transformers, optimum)."""

@@ -1,0 +1,187 @@
+"""`fastllm export`: resolve → load → ONNX → rewrite (fp16 / int8 / int4) → validate → manifest.
+
+Everything is written into a hidden temporary folder beside the output and renamed into place at
+the very end, so an interrupted export never leaves a half model that `serve` could pick up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from fastllm.errors import ExportError, OutputExistsError
+from fastllm.export import sources
+from fastllm.manifest import Manifest, sha256_file, write_manifest
+
+log = logging.getLogger(__name__)
+
+TOOLS = ("fastllm", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+
+
+@dataclass
+class ExportOptions:
+    source: str
+    output: Path | None = None
+    models_dir: Path = Path("models")
+    revision: str | None = None
+    token: str | None = None
+    task: str = "auto"  # auto | text-generation | embedding
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    quantize: str = "none"  # none | int8 | int4
+    trust_remote_code: bool = False
+    force: bool = False
+    validate: bool = True
+
+
+def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
+    name = Path(checkpoint.name).name
+    suffix = options.quantize if options.quantize != "none" else (options.dtype if options.dtype != "fp32" else "")
+    return options.models_dir / (f"{name}-{suffix}" if suffix else name)
+
+
+def export(options: ExportOptions) -> Path:
+    started = time.perf_counter()
+    _check_dtype(options)
+    log.info("[1/5] resolving %s", options.source)
+    checkpoint = sources.resolve(options.source, revision=options.revision, token=options.token,
+                                 task=options.task)
+    output = options.output or default_output(options, checkpoint)
+    if output.exists() and not options.force:
+        raise OutputExistsError(f"{output} already exists; pass --force to replace it")
+
+    log.info("[2/5] loading %s (%s, %s)", checkpoint.name, checkpoint.model_type, checkpoint.task)
+    model, tokenizer = sources.load(checkpoint, trust_remote_code=options.trust_remote_code)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        log.info("[3/5] exporting to ONNX")
+        _to_onnx(model, checkpoint, staging)
+        tokenizer.save_pretrained(staging)
+        _drop_redundant_tokenizer_files(staging)
+        manifest = _manifest(options, checkpoint, model, tokenizer)
+        if options.quantize != "none" or options.dtype != "fp32":
+            log.info("[4/5] rewriting graph: dtype=%s quantize=%s", options.dtype, options.quantize)
+            from fastllm.export.quantize import rewrite
+
+            rewrite(staging / manifest.onnx_file, dtype=options.dtype, quantization=options.quantize)
+        if options.validate:
+            log.info("[5/5] validating against PyTorch")
+            _validate(staging, manifest, checkpoint, model, tokenizer)
+        manifest.files = {
+            p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()
+        }
+        write_manifest(staging, manifest)
+        if output.exists():
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
+    log.info("exported %s to %s (%.1f MB) in %.1fs", manifest.name, output, size / 1e6,
+             time.perf_counter() - started)
+    return output
+
+
+def _check_dtype(options: ExportOptions) -> None:
+    if options.dtype == "bf16":
+        raise ExportError(
+            "bf16 ONNX graphs have no kernels for most operators in ONNX Runtime's CPU and CUDA providers; "
+            "use --dtype fp16 for GPUs or --quantize int4 for CPUs"
+        )
+    if options.dtype == "fp16" and options.quantize != "none":
+        raise ExportError("--dtype fp16 and --quantize cannot be combined; int4/int8 keep fp32 activations")
+    if options.dtype == "fp16":
+        log.warning("fp16 pays off on GPUs (CUDA, CoreML); on CPUs ONNX Runtime runs fp16 graphs slower than fp32 "
+                    "and --quantize int4 is the faster choice")
+
+
+def _to_onnx(model: Any, checkpoint: sources.Checkpoint, staging: Path) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    task = "text-generation-with-past" if checkpoint.task == "text-generation" else "feature-extraction"
+    try:
+        onnx_export_from_model(model, staging, task=task, do_validation=False)
+    except (ValueError, KeyError, NotImplementedError) as exc:
+        raise ExportError(f"optimum could not export {checkpoint.source}: {exc}") from None
+
+
+def _drop_redundant_tokenizer_files(folder: Path) -> None:
+    # tokenizer.json is all the serve side reads; slow-tokenizer vocab files only bloat the bundle.
+    if (folder / "tokenizer.json").is_file():
+        for name in ("tokenizer.model", "vocab.txt", "vocab.json", "merges.txt", "sentencepiece.bpe.model"):
+            (folder / name).unlink(missing_ok=True)
+
+
+def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any, tokenizer: Any) -> Manifest:
+    config = model.config
+    heads = getattr(config, "num_attention_heads", 0)
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
+    eos = _ids(getattr(model, "generation_config", None) and model.generation_config.eos_token_id)
+    eos += [i for i in _ids(config.eos_token_id) if i not in eos]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    probe = tokenizer("a")["input_ids"]
+    name = checkpoint.name
+    if options.quantize != "none" or options.dtype != "fp32":
+        name = f"{name}-{options.quantize if options.quantize != 'none' else options.dtype}"
+    return Manifest(
+        name=name,
+        source=checkpoint.source,
+        revision=checkpoint.revision,
+        task=checkpoint.task,  # type: ignore[arg-type]
+        architecture=(config.architectures or [type(model).__name__])[0],
+        model_type=config.model_type,
+        dtype=options.dtype,
+        quantization=options.quantize,
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        context_length=_context_length(config, tokenizer),
+        eos_token_ids=eos if checkpoint.task == "text-generation" else [],
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        add_bos_token=bool(tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id),
+        pooling=checkpoint.pooling,  # type: ignore[arg-type]
+        normalize=checkpoint.normalize,
+        embedding_dim=config.hidden_size if checkpoint.task == "embedding" else None,
+        tools={tool: _version(tool) for tool in TOOLS},
+    )
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None or value is False:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def _context_length(config: Any, tokenizer: Any) -> int:
+    length = getattr(config, "max_position_embeddings", None) or 2048
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < length:
+        length = limit
+    return int(length)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _validate(staging: Path, manifest: Manifest, checkpoint: sources.Checkpoint, model: Any, tokenizer: Any) -> None:
+    from fastllm.export import validate
+
+    if checkpoint.task == "text-generation":
+        validate.validate_causal(staging, manifest, model, tokenizer)
+    else:
+        validate.validate_embedding(staging, manifest, checkpoint.folder, tokenizer)

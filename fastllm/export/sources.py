@@ -1,0 +1,201 @@
+"""Turn SOURCE (hub id, local folder or .gguf file) into a loaded PyTorch model and tokenizer.
+
+GGUF files go through transformers' GGUF loader, whose tokenizer conversion gets special tokens
+wrong for some models (SmolLM2: eos became ``<|im_start|>``, a BOS was prepended to every encode,
+no pad token). The GGUF's own metadata is the truth, so we re-apply it after loading.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastllm import hub
+from fastllm.errors import CorruptModelError, SourceNotFoundError, UnsupportedModelError
+from fastllm.export.architectures import SUPPORTED, supported_list
+
+log = logging.getLogger(__name__)
+
+# Files a checkpoint needs; skips other frameworks' weights and ONNX/GGUF duplicates on the hub.
+CHECKPOINT_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.model",
+    "*.txt",
+    "*.jinja",
+    "*.py",
+    "1_Pooling/*",
+    "2_Normalize/*",
+]
+_QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
+
+
+@dataclass
+class Checkpoint:
+    """A resolved source: where its files are and what it is, before any weights are loaded."""
+
+    source: str
+    name: str
+    folder: Path
+    revision: str | None = None
+    gguf_file: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    task: str = "text-generation"
+    pooling: str | None = None
+    normalize: bool = False
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "unknown"))
+
+
+def resolve(source: str, *, revision: str | None, token: str | None, task: str) -> Checkpoint:
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SourceNotFoundError(f"GGUF file not found: {path}")
+        checkpoint = Checkpoint(
+            source=str(path.resolve()),
+            name=_QUANT_SUFFIX.sub("", path.stem),
+            folder=path.parent,
+            gguf_file=path.name,
+            config=_gguf_config(path),
+        )
+    elif path.is_dir():
+        checkpoint = Checkpoint(
+            source=str(path.resolve()), name=path.resolve().name, folder=path, config=_read_config(path)
+        )
+    elif hub.looks_like_repo_id(source):
+        folder = hub.download(source, revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS)
+        checkpoint = Checkpoint(
+            source=source, name=source, folder=folder, revision=revision, config=_read_config(folder)
+        )
+    else:
+        raise SourceNotFoundError(
+            f"{source!r} is neither a local folder, a .gguf file, nor a hub id of the form org/name"
+        )
+    _classify(checkpoint, task)
+    return checkpoint
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except FileNotFoundError:
+        raise SourceNotFoundError(f"{folder} has no config.json; it is not a transformers checkpoint") from None
+    except json.JSONDecodeError as exc:
+        raise CorruptModelError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
+
+
+def _gguf_config(path: Path) -> dict[str, Any]:
+    return {"model_type": read_gguf_metadata(path)["general.architecture"]}
+
+
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The GGUF key/value table, without the tensors (cheap: the reader memory-maps the file)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+        return {key: value.contents() for key, value in reader.fields.items()}
+    except Exception as exc:  # gguf raises ValueError, IndexError, struct errors... on damaged files
+        raise CorruptModelError(f"{path} is not a readable GGUF file: {exc}") from None
+
+
+def _classify(checkpoint: Checkpoint, task: str) -> None:
+    model_type = checkpoint.model_type
+    modules = checkpoint.folder / "modules.json"
+    if task == "auto":
+        if modules.is_file() or (SUPPORTED.get(model_type, None) and SUPPORTED[model_type].task == "embedding"):
+            task = "embedding"
+        else:
+            task = "text-generation"
+    checkpoint.task = task
+    arch = SUPPORTED.get(model_type)
+    if arch is None or arch.task != task:
+        raise UnsupportedModelError(
+            f"{checkpoint.source}: architecture {model_type!r} is not supported for {task}. "
+            f"Supported: {supported_list()}"
+        )
+    if task == "embedding":
+        checkpoint.pooling, checkpoint.normalize = _sentence_transformers_pooling(checkpoint.folder)
+
+
+def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool]:
+    """Pooling mode and normalisation as the model's own sentence-transformers modules declare them."""
+    pooling, normalize = "mean", False
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        return pooling, normalize
+    for module in json.loads(modules_file.read_text()):
+        kind = module.get("type", "")
+        if kind.endswith("Normalize"):
+            normalize = True
+        elif kind.endswith("Pooling"):
+            config_file = folder / module.get("path", "1_Pooling") / "config.json"
+            if config_file.is_file():
+                config = json.loads(config_file.read_text())
+                if config.get("pooling_mode_cls_token"):
+                    pooling = "cls"
+                elif config.get("pooling_mode_lasttoken"):
+                    pooling = "last"
+                elif config.get("pooling_mode_mean_tokens"):
+                    pooling = "mean"
+                else:
+                    raise UnsupportedModelError(f"{config_file}: only mean, cls and last-token pooling are supported")
+    return pooling, normalize
+
+
+def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
+    """Load the fp32 PyTorch model and its tokenizer (fixed up from GGUF metadata where needed)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    model_class = AutoModelForCausalLM if checkpoint.task == "text-generation" else AutoModel
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if checkpoint.gguf_file:
+        kwargs["gguf_file"] = checkpoint.gguf_file
+    try:
+        model = model_class.from_pretrained(checkpoint.folder, dtype=torch.float32, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CorruptModelError(f"cannot load {checkpoint.source}: {exc}") from None
+    model.eval()
+    if checkpoint.gguf_file:
+        _apply_gguf_tokenizer_metadata(checkpoint.folder / checkpoint.gguf_file, model, tokenizer)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _apply_gguf_tokenizer_metadata(path: Path, model: Any, tokenizer: Any) -> None:
+    meta = read_gguf_metadata(path)
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> tuple[int, str] | None:
+        index = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return (int(index), tokens[int(index)]) if index is not None and int(index) < len(tokens) else None
+
+    if eos := token("eos"):
+        tokenizer.eos_token = eos[1]
+        model.config.eos_token_id = eos[0]
+        model.generation_config.eos_token_id = eos[0]
+    if bos := token("bos"):
+        tokenizer.bos_token = bos[1]
+        model.config.bos_token_id = bos[0]
+        model.generation_config.bos_token_id = bos[0]
+    if pad := token("padding"):
+        tokenizer.pad_token = pad[1]
+        model.config.pad_token_id = pad[0]
+        model.generation_config.pad_token_id = pad[0]
+    if "tokenizer.ggml.add_bos_token" in meta and hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = bool(meta["tokenizer.ggml.add_bos_token"])
+    if "tokenizer.ggml.add_eos_token" in meta and hasattr(tokenizer, "add_eos_token"):
+        tokenizer.add_eos_token = bool(meta["tokenizer.ggml.add_eos_token"])
+    if template := meta.get("tokenizer.chat_template"):
+        tokenizer.chat_template = template
+    log.info("tokenizer special tokens taken from GGUF metadata: eos=%s bos=%s", eos, bos)

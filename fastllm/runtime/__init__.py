@@ -1,0 +1,1 @@
+"""The inference engine: providers, sessions, KV cache, sampling and continuous batching."""

@@ -1,0 +1,268 @@
+"""Continuous batching: one engine thread runs the model, asyncio handlers only wait on queues.
+
+Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget,
+(2) runs one decode step for every running sequence together, (3) samples, detokenizes and checks
+stops per sequence, and (4) drops finished or cancelled sequences from the batch. Requests join and
+leave between steps, so a long generation never holds back a short one. ``session.run`` releases
+the GIL, so the event loop keeps serving while the model computes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fastllm.errors import EngineError, OverloadedError
+from fastllm.runtime.decoder import Decoder
+from fastllm.runtime.detokenize import IncrementalDetokenizer
+from fastllm.runtime.kv_cache import BatchCache
+from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
+from fastllm.tokenization.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    n: int = 1
+    ignore_eos: bool = False
+
+
+@dataclass
+class Delta:
+    """What one choice produced in one step; ``finish_reason`` is set on its last delta."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class _Sequence:
+    request: _Pending
+    index: int
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    position: int
+    next_token: int = -1
+    generated: int = 0
+    finish_reason: str | None = None
+
+
+class _Pending:
+    """A submitted request as the engine thread sees it, and its channel back to the event loop."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> None:
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue[list[Delta] | BaseException] = asyncio.Queue()
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.unfinished = request.n
+
+    def send(self, item: list[Delta] | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    steps: int = 0
+    last_batch_size: int = 0
+
+
+class GenerationEngine:
+    def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
+                 max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "") -> None:
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.eos = frozenset(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_queue = max_queue
+        self.name = name
+        self.stats = EngineStats()
+        self._waiting: deque[_Pending] = deque()
+        self._running: list[_Sequence] = []
+        self._cache = BatchCache()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ---- event-loop side -------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[list[Delta]]:
+        """Yield the deltas of each step until every choice has finished; cancel on early exit."""
+        pending = _Pending(request, asyncio.get_running_loop())
+        with self._wake:
+            if self._stopping:
+                raise OverloadedError("the server is shutting down", status=503)
+            if len(self._waiting) >= self.max_queue + self.max_batch_size:
+                raise OverloadedError(
+                    f"{len(self._waiting)} requests are already waiting for {self.name}; retry shortly"
+                )
+            self._waiting.append(pending)
+            self._wake.notify()
+        try:
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if any(d.finish_reason for d in item):
+                    pending.unfinished -= sum(1 for d in item if d.finish_reason)
+                    if pending.unfinished <= 0:
+                        return
+        finally:
+            pending.cancelled = True  # no-op when finished; frees the slots of a vanished client
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._running and not self._waiting:
+                    return
+            try:
+                self._iteration()
+            except Exception as exc:  # a fault in the batch: fail its requests, keep the engine alive
+                log.exception("engine step failed for %s", self.name)
+                error = EngineError("the model failed while generating this response")
+                for pending in {id(s.request): s.request for s in self._running}.values():
+                    pending.send(error)
+                self._running = []
+                self._cache = BatchCache()
+                del exc
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self._running:
+            self._decode_step()
+        self.stats.running = len(self._running)
+        self.stats.waiting = len(self._waiting)
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            self._waiting = deque(p for p in self._waiting if not p.cancelled)
+        if any(s.request.cancelled for s in self._running):
+            self._retain([s for s in self._running if not s.request.cancelled])
+
+    def _admit(self) -> None:
+        budget = self.max_prefill_tokens
+        while True:
+            with self._wake:
+                if not self._waiting:
+                    return
+                pending = self._waiting[0]
+                fits = len(self._running) + pending.request.n <= self.max_batch_size
+                affordable = len(pending.request.prompt_ids) <= budget or budget == self.max_prefill_tokens
+                if not (fits and affordable) and self._running:
+                    return
+                self._waiting.popleft()
+            budget -= len(pending.request.prompt_ids)
+            try:
+                self._prefill(pending)
+            except Exception:
+                log.exception("prefill failed for a request to %s", self.name)
+                pending.send(EngineError("the model failed while reading this prompt"))
+            if budget <= 0:
+                return
+
+    def _prefill(self, pending: _Pending) -> None:
+        request = pending.request
+        ids = np.asarray([request.prompt_ids], dtype=np.int64)
+        length = ids.shape[1]
+        out = self.decoder.forward(
+            ids, np.ones_like(ids), np.arange(length, dtype=np.int64)[None, :], self.decoder.empty_past(1)
+        )
+        sequences = [
+            _Sequence(
+                request=pending,
+                index=i,
+                sampler=Sampler(request.params, request.prompt_ids, seed_offset=i),
+                detok=IncrementalDetokenizer(self.tokenizer, request.stop),
+                position=length,
+            )
+            for i in range(request.n)
+        ]
+        deltas = [self._accept(seq, out.logits[0]) for seq in sequences]
+        pending.send(deltas)
+        alive = [s for s in sequences if s.finish_reason is None]
+        if alive:
+            self._cache.join(out.present, len(alive))
+            self._running.extend(alive)
+
+    def _decode_step(self) -> None:
+        tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
+        positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
+        mask = self._cache.next_mask()
+        out = self.decoder.forward(tokens, mask, positions, self._cache.past)
+        self._cache.step(out.present, mask)
+        self.stats.steps += 1
+        self.stats.last_batch_size = len(self._running)
+        by_request: dict[int, tuple[_Pending, list[Delta]]] = {}
+        for row, seq in enumerate(self._running):
+            seq.position += 1
+            try:
+                delta = self._accept(seq, out.logits[row])
+            except Exception:
+                log.exception("sampling failed for a request to %s", self.name)
+                seq.finish_reason = "error"
+                seq.request.cancelled = True
+                seq.request.send(EngineError("the model failed while generating this response"))
+                continue
+            by_request.setdefault(id(seq.request), (seq.request, []))[1].append(delta)
+        for pending, deltas in by_request.values():
+            if not pending.cancelled:
+                pending.send(deltas)
+        if any(s.finish_reason for s in self._running):
+            self._retain([s for s in self._running if s.finish_reason is None])
+
+    def _accept(self, seq: _Sequence, logits: np.ndarray) -> Delta:
+        """Sample one token for ``seq`` and turn it into a delta, finishing the sequence if due."""
+        request = seq.request.request
+        token, logprob = seq.sampler.sample(logits)
+        seq.generated += 1
+        seq.next_token = token
+        delta = Delta(index=seq.index, token_ids=[token], logprobs=[logprob] if logprob else [])
+        if token in self.eos and not request.ignore_eos:
+            seq.finish_reason = "stop"
+        else:
+            delta.text = seq.detok.add(token)
+            if seq.detok.stopped:
+                seq.finish_reason = "stop"
+            elif seq.generated >= request.max_tokens:
+                seq.finish_reason = "length"
+        if seq.finish_reason:
+            delta.text += seq.detok.flush()
+            delta.finish_reason = seq.finish_reason
+        return delta
+
+    def _retain(self, keep: list[_Sequence]) -> None:
+        rows = {id(s): i for i, s in enumerate(self._running)}
+        self._cache.keep([rows[id(s)] for s in keep])
+        self._running = keep

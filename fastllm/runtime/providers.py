@@ -1,0 +1,120 @@
+"""Execution-provider choice and session creation, with a loud fallback.
+
+The choice is a pure function of what onnxruntime reports as available, so it is tested without a
+GPU; creating the session is where a provider can still fail (missing CUDA libraries, a CoreML
+model it cannot compile), and there we fall back to the next provider and say so in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastllm.errors import ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Order of preference for "auto": accelerators first, the CPU always last as the safety net.
+PREFERENCE = (
+    "CUDAExecutionProvider",
+    "ROCMExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "CPUExecutionProvider",
+)
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(requested: str | Sequence[str], available: Sequence[str]) -> list[str]:
+    """Ordered providers to try: "auto" ranks the available ones, a list is validated as given."""
+    if requested == "auto":
+        chosen = [p for p in PREFERENCE if p in available]
+        return chosen or [CPU]
+    unknown = [p for p in requested if p not in available]
+    if unknown:
+        raise ConfigError(
+            f"runtime.providers asks for {unknown}, but this onnxruntime build offers {list(available)}"
+            + (" (install fastllm[gpu] for CUDA)" if "CUDAExecutionProvider" in unknown else "")
+        )
+    chosen = list(requested)
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def physical_cores() -> int:
+    """Physical cores: ORT runs best with one intra-op thread per core, not per hyper-thread."""
+    try:
+        seen = set()
+        physical = core = None
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("physical id"):
+                    physical = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    core = line.split(":")[1].strip()
+                    seen.add((physical, core))
+        allowed = len(os.sched_getaffinity(0))
+        if seen:
+            return max(1, min(len(seen), allowed))
+        return max(1, allowed)
+    except (OSError, AttributeError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class LoadedSession:
+    session: Any
+    provider: str
+
+
+def session_options(threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or physical_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.enable_mem_pattern = False  # shapes change every step; patterns would be rebuilt each run
+    options.log_severity_level = 3
+    return options
+
+
+def create_session(
+    model_path: Path,
+    *,
+    requested: str | Sequence[str] = "auto",
+    provider_options: dict[str, dict[str, Any]] | None = None,
+    threads: int = 0,
+) -> LoadedSession:
+    """Create an InferenceSession on the best provider that actually starts."""
+    import onnxruntime as ort
+
+    candidates = choose_providers(requested, ort.get_available_providers())
+    provider_options = provider_options or {}
+    errors: list[str] = []
+    for index, provider in enumerate(candidates):
+        chain = candidates[index:]
+        try:
+            session = ort.InferenceSession(
+                str(model_path),
+                sess_options=session_options(threads),
+                providers=[(p, provider_options.get(p, {})) for p in chain],
+            )
+        except Exception as exc:  # ORT raises plain RuntimeError/Fail for provider failures
+            errors.append(f"{provider}: {exc}")
+            log.warning("execution provider %s failed to start for %s: %s; falling back to %s",
+                        provider, model_path.parent.name, exc, chain[1:] or "nothing")
+            continue
+        active = session.get_providers()[0]
+        if active != provider:
+            log.warning("execution provider %s was requested for %s but ONNX Runtime fell back to %s",
+                        provider, model_path.parent.name, active)
+        log.info("model %s runs on %s", model_path.parent.name, active)
+        return LoadedSession(session=session, provider=active)
+    raise ModelLoadError(f"no execution provider could load {model_path}: " + "; ".join(errors))

@@ -1,0 +1,157 @@
+"""The Litestar application: models opened in the lifespan, kept on ``app.state``, injected into
+small controllers. Authentication and request metrics are plain ASGI middleware."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.config.cors import CORSConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from fastllm import __version__
+from fastllm.config import Settings
+from fastllm.errors import OverloadedError
+from fastllm.runtime.models import load_model
+from fastllm.server.errors import error_response, handle_exception
+from fastllm.server.metrics import Metrics
+from fastllm.server.registry import ModelRegistry
+from fastllm.server.routes.chat import ChatController
+from fastllm.server.routes.completions import CompletionsController
+from fastllm.server.routes.embeddings import EmbeddingsController
+from fastllm.server.routes.health import HealthController
+from fastllm.server.routes.models import ModelsController
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})
+
+
+def load_registry(settings: Settings) -> ModelRegistry:
+    models = []
+    try:
+        for config in settings.all_models():
+            models.append(load_model(config, settings.runtime, settings.models_dir))
+    except BaseException:
+        for model in models:
+            model.close()
+        raise
+    ids = [m.id for m in models]
+    if len(set(ids)) != len(ids):
+        for model in models:
+            model.close()
+        from fastllm.errors import ConfigError
+
+        raise ConfigError(f"two models are served under the same id: {ids}; set served_model_name")
+    return ModelRegistry(models)
+
+
+def _auth_middleware(keys: list[str]) -> Any:
+    expected = [f"Bearer {key}".encode() for key in keys]
+
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+                given = dict(scope["headers"]).get(b"authorization", b"")
+                # Compare against every key, always: the time taken says nothing about which matched.
+                if not any([hmac.compare_digest(given, key) for key in expected]):
+                    response = error_response(401, "Incorrect API key provided", code="invalid_api_key",
+                                              headers={"WWW-Authenticate": "Bearer"})
+                    await response(scope, receive, send)  # type: ignore[arg-type]
+                    return
+            await app(scope, receive, send)
+
+        return middleware
+
+    return factory
+
+
+def _metrics_middleware(metrics: Metrics) -> Any:
+    def factory(app: ASGIApp) -> ASGIApp:
+        async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            status = 500
+
+            async def capture(message: Any) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            metrics.in_flight.inc()
+            try:
+                await app(scope, receive, capture)
+            finally:
+                metrics.in_flight.dec()
+                route = scope.get("route_handler")
+                path = scope["path"] if route is None else scope.get("path_template", scope["path"])
+                metrics.requests.labels(path if path in _KNOWN_ROUTES else "other", str(status)).inc()
+
+        return middleware
+
+    return factory
+
+
+_KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+                           "/ready", "/metrics"})
+
+
+def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Litestar:
+    """Build the app; without a ``registry`` the models are loaded when the lifespan starts."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        models = registry or load_registry(settings)
+        for model in models:
+            if model.generator is not None:
+                metrics.watch_engine(model.id, lambda g=model.generator: g.stats)
+        app.state.registry = models
+        started = time.monotonic()
+        log.info("serving %s on http://%s:%s", ", ".join(m.id for m in models), settings.server.host,
+                 settings.server.port)
+        try:
+            yield
+        finally:
+            models.draining = True
+            log.info("shutting down after %.0fs; closing models", time.monotonic() - started)
+            models.close()
+
+    def get_registry(state: State) -> ModelRegistry:
+        models: ModelRegistry = state.registry
+        if models.draining:
+            raise OverloadedError("the server is shutting down", status=503)
+        return models
+
+    middleware = [_metrics_middleware(metrics)]
+    if settings.server.api_keys:
+        middleware.append(_auth_middleware(settings.server.api_keys))
+    cors = CORSConfig(allow_origins=settings.server.cors_origins, allow_credentials=False) \
+        if settings.server.cors_origins else None
+    return Litestar(
+        route_handlers=[ChatController, CompletionsController, EmbeddingsController, ModelsController,
+                        HealthController],
+        dependencies={
+            "registry": Provide(get_registry, sync_to_thread=False),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+            "metrics": Provide(lambda: metrics, sync_to_thread=False),
+        },
+        lifespan=[lifespan],
+        exception_handlers={Exception: handle_exception},
+        middleware=middleware,
+        cors_config=cors,
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="FastLLM", version=__version__, path="/docs"),
+        logging_config=None,
+        debug=False,
+    )

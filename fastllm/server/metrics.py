@@ -1,0 +1,37 @@
+"""Prometheus metrics, on a registry owned by the app (two apps in one process never collide)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("fastllm_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.prompt_tokens = Counter("fastllm_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.generation_tokens = Counter("fastllm_generation_tokens", "Tokens generated", ["model"], registry=r)
+        self.embedding_inputs = Counter("fastllm_embedding_inputs", "Inputs embedded", ["model"], registry=r)
+        self.time_to_first_token = Histogram("fastllm_time_to_first_token_seconds", "Time to first token",
+                                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token_latency = Histogram("fastllm_inter_token_latency_seconds", "Time between tokens",
+                                             ["model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("fastllm_queue_depth", "Requests waiting for a batch slot", ["model"],
+                                 registry=r)
+        self.batch_size = Gauge("fastllm_batch_size", "Sequences in the running batch", ["model"], registry=r)
+        self.in_flight = Gauge("fastllm_requests_in_flight", "HTTP requests being served", registry=r)
+
+    def watch_engine(self, model: str, stats: Callable[[], Any]) -> None:
+        """Gauges read live from an engine's stats at scrape time."""
+        self.queue_depth.labels(model).set_function(lambda: stats().waiting)
+        self.batch_size.labels(model).set_function(lambda: stats().running)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,79 @@
+"""Shared plumbing of the two generation endpoints: run the engine with a deadline and metrics,
+and gather per-choice text, token counts and logprobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastllm.errors import RequestError
+from fastllm.runtime.generation import Delta, GenerationRequest
+from fastllm.runtime.models import ServedModel
+from fastllm.runtime.sampling import TokenLogprob
+from fastllm.server.metrics import Metrics
+
+
+class RequestTimeoutError(RequestError):
+    status = 408
+    error_type = "timeout_error"
+    code = "timeout"
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class ChoiceState:
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, timeout: float,
+              ) -> AsyncIterator[list[Delta]]:
+    """The engine's deltas, with a deadline; records time to first token and inter-token latency."""
+    if model.generator is None:  # pragma: no cover - the registry checks the model kind first
+        raise RuntimeError("not a generation model")
+    metrics.prompt_tokens.labels(model.id).inc(len(request.prompt_ids) * request.n)
+    deadline = time.monotonic() + timeout
+    started = last = time.perf_counter()
+    first = True
+    stream = model.generator.generate(request)
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeoutError(f"the request took longer than {timeout:.0f}s and was cancelled")
+            try:
+                async with asyncio.timeout(remaining):
+                    deltas = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise RequestTimeoutError(f"the request took longer than {timeout:.0f}s and was cancelled") from None
+            now = time.perf_counter()
+            if first:
+                metrics.time_to_first_token.labels(model.id).observe(now - started)
+                first = False
+            else:
+                metrics.inter_token_latency.labels(model.id).observe(now - last)
+            last = now
+            metrics.generation_tokens.labels(model.id).inc(sum(len(d.token_ids) for d in deltas))
+            yield deltas
+    finally:
+        await stream.aclose()
+
+
+def accumulate(states: list[ChoiceState], deltas: list[Delta]) -> None:
+    for delta in deltas:
+        state = states[delta.index]
+        state.text += delta.text
+        state.tokens += len(delta.token_ids)
+        state.logprobs.extend(delta.logprobs)
+        if delta.finish_reason:
+            state.finish_reason = delta.finish_reason
