@@ -104,6 +104,8 @@ def main(ctx: click.Context, **kwargs: Any) -> None:
     """
     if ctx.invoked_subcommand is None:
         _serve(**kwargs)
+    elif any(value not in (None, ()) for value in kwargs.values()):
+        raise click.UsageError(f"server options go after the command: fastllm {ctx.invoked_subcommand} --option ...")
 
 
 @main.command()

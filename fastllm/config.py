@@ -4,22 +4,51 @@ The file may be TOML (``config.toml``, the default) or JSON (the seed's ``config
 section forbids unknown keys, so a typo in ``[server]`` is an error that names the key instead of a
 setting that silently does nothing. The environment is read when ``load_settings`` is called, never
 at import time.
+
+Sections merge key by key (``FASTLLM_SERVER__PORT`` changes the port and keeps the file's host),
+with one exception: a higher source that names a *different* ``model.model_id`` starts a fresh
+``[model]`` table, so ``--model B`` never inherits the ``revision`` or ``served_model_name`` that
+the file wrote for model A.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from fastllm.errors import ConfigError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_CONFIG_FILES = ("config.toml", "config.json")
+ENV_PREFIX = "FASTLLM_"
+
+
+def _split_list(value: Any) -> Any:
+    """Lists may come from the environment as JSON (``'["a","b"]'``) or comma-separated (``a,b``)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a valid JSON list ({exc.msg})") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+StrList = Annotated[list[str], NoDecode]
 
 
 class _Section(BaseModel):
@@ -30,15 +59,17 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=3000, ge=0, le=65535)
     # Bearer keys; empty means no authentication. Compared in constant time.
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: StrList = Field(default_factory=list)
     # Origins allowed by CORS; empty disables CORS entirely (the safe default).
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: StrList = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # Seconds a request may take end to end before it is cancelled.
     request_timeout: float = Field(default=600.0, gt=0)
     # Seconds in-flight requests get to finish on SIGTERM before they are cut.
     shutdown_timeout: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _lists = field_validator("api_keys", "cors_origins", mode="before")(_split_list)
 
 
 class ModelConfig(_Section):
@@ -50,9 +81,9 @@ class ModelConfig(_Section):
 
 
 class RuntimeConfig(_Section):
-    # "auto" = CUDA, then CoreML, then CPU; or an explicit ordered list of ONNX Runtime providers.
+    # "auto" = CUDA, then ROCm, CoreML, DirectML, then CPU; or an explicit ordered list of providers.
     providers: Literal["auto"] | list[str] = "auto"
-    # Per-provider options, e.g. {"CUDAExecutionProvider" = {device_id = 0, gpu_mem_limit = 4e9}}.
+    # Per-provider options, e.g. {"CUDAExecutionProvider" = {device_id = 0, gpu_mem_limit = 4_000_000_000}}.
     provider_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Intra-op threads; 0 = physical cores.
     threads: int = Field(default=0, ge=0)
@@ -62,28 +93,40 @@ class RuntimeConfig(_Section):
     max_prefill_tokens: int = Field(default=2048, ge=16)
     # Requests waiting for a slot before new ones get 429.
     max_queue: int = Field(default=64, ge=0)
-    # Largest `n` and `max_tokens` a request may ask for.
+    # Largest `n` (choices per request) a request may ask for.
     max_n: int = Field(default=8, ge=1)
     # Embedding inputs batched into one run.
     embedding_batch_size: int = Field(default=32, ge=1)
 
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _providers(cls, value: Any) -> Any:
+        # "auto", a list, or the CLI/env spelling "CUDAExecutionProvider,CPUExecutionProvider".
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        value = _split_list(value)
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            raise ValueError('must be "auto" or a list of ONNX Runtime provider names')
+        return [item.strip() for item in value]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="FASTLLM_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
     server: ServerConfig = Field(default_factory=ServerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     # Further models served beside `model`, as [[models]] tables.
-    models: list[ModelConfig] = Field(default_factory=list)
+    models: Annotated[list[ModelConfig], NoDecode] = Field(default_factory=list)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     models_dir: Path = Path("models")
 
     @field_validator("models", mode="before")
     @classmethod
     def _models_from_ids(cls, value: Any) -> Any:
-        # `FASTLLM_MODELS='["a","b"]'` and `--model a --model b` give plain ids.
+        # `FASTLLM_MODELS='["a","b"]'`, `FASTLLM_MODELS=a,b` and `--model a --model b` give plain ids.
+        value = _split_list(value)
         if isinstance(value, list):
             return [{"model_id": item} if isinstance(item, str) else item for item in value]
         return value
@@ -92,18 +135,44 @@ class Settings(BaseSettings):
         return [self.model, *self.models]
 
 
-class _FileSource(PydanticBaseSettingsSource):
-    """The lowest-priority source: the sections read from the config file."""
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "server": ServerConfig, "model": ModelConfig, "models": ModelConfig, "runtime": RuntimeConfig,
+}
 
-    def __init__(self, settings_cls: type[BaseSettings], data: dict[str, Any]) -> None:
+
+class _LayeredSource(PydanticBaseSettingsSource):
+    """File, then environment, then CLI, merged by us so that errors can say where a value came from."""
+
+    def __init__(self, settings_cls: type[BaseSettings], env: PydanticBaseSettingsSource,
+                 file_data: dict[str, Any], cli_data: dict[str, Any], layers: dict[str, dict[str, Any]]) -> None:
         super().__init__(settings_cls)
-        self.data = data
+        self.env = env
+        self.file_data = file_data
+        self.cli_data = cli_data
+        self.layers = layers
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return self.data.get(field_name), field_name, False
+        return None, field_name, False  # unused: __call__ builds the whole dict
 
     def __call__(self) -> dict[str, Any]:
-        return dict(self.data)
+        self.layers.update(file=self.file_data, env=self.env(), cli=self.cli_data)
+        merged: dict[str, Any] = {}
+        for name in ("file", "env", "cli"):
+            merged = _merge(merged, self.layers[name], top_level=True)
+        return merged
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any], *, top_level: bool = False) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in top.items():
+        below = result.get(key)
+        if isinstance(value, dict) and isinstance(below, dict):
+            starts_fresh = (top_level and key == "model" and "model_id" in value
+                            and value["model_id"] != below.get("model_id"))
+            result[key] = dict(value) if starts_fresh else _merge(below, value)
+        else:
+            result[key] = value
+    return result
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -111,13 +180,17 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    is_json = path.suffix.lower() == ".json"
     try:
-        if path.suffix == ".json":
-            data = json.loads(raw)
-        else:
-            data = tomllib.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'TOML'}: {exc}") from None
+        data = json.loads(raw) if is_json else tomllib.loads(raw.decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON: {exc} (JSON cannot hold comments; use a .toml file for those)"
+        ) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a table of sections")
     return data
@@ -134,6 +207,8 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     """Build settings from all sources; ``overrides`` are the CLI flags (nested dicts, None = unset)."""
     path = config_file or _default_config_file()
     file_data = read_config_file(path) if path else {}
+    cli_data = _drop_none(overrides or {})
+    layers: dict[str, dict[str, Any]] = {}
 
     class _LoadedSettings(Settings):
         @classmethod
@@ -145,16 +220,64 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, env_settings, _FileSource(settings_cls, file_data))
+            return (_LayeredSource(settings_cls, env_settings, file_data, cli_data, layers),)
 
     try:
-        return _LoadedSettings(**_drop_none(overrides or {}))
+        return _LoadedSettings()
+    except SettingsError as exc:
+        raise ConfigError(
+            f"invalid configuration: {exc}; {ENV_PREFIX}* values for tables and lists must be JSON"
+        ) from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        source = f" (file {path})" if path else ""
-        raise ConfigError(f"invalid configuration{source}: {problems}") from None
+        problems = "; ".join(_describe(err, layers, path) for err in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def _describe(err: Any, layers: dict[str, dict[str, Any]], path: Path | None) -> str:
+    """One problem as `server.port = 'abc' (from FASTLLM_SERVER__PORT): Input should be ...`."""
+    loc = tuple(err["loc"])
+    key = ".".join(str(part) for part in loc) or "(top level)"
+    origin = _origin(loc, layers, path)
+    where = f" (in {origin})" if origin else ""
+    if err["type"] == "extra_forbidden":
+        section = _SECTIONS.get(str(loc[0])) if len(loc) > 1 else Settings
+        known = ", ".join(section.model_fields) if section else ""
+        hint = f"; the known keys here are {known}" if known else ""
+        return f"{key}{where}: unknown key{hint}"
+    shown = "" if err["type"] == "missing" else f" = {err['input']!r}"
+    message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+    return f"{key}{shown}{where}: {message}"
+
+
+def _origin(loc: tuple[Any, ...], layers: dict[str, dict[str, Any]], path: Path | None) -> str:
+    """The highest source that holds the value at ``loc`` (or its nearest parent)."""
+    for name in ("cli", "env", "file"):
+        depth = _depth_found(layers.get(name, {}), loc)
+        if depth == 0:
+            continue
+        if name == "cli":
+            return "command-line flags"
+        if name == "file":
+            return str(path)
+        present = {key.upper() for key in os.environ}
+        for size in range(depth, 0, -1):
+            var = ENV_PREFIX + "__".join(str(part) for part in loc[:size]).upper()
+            if var in present:
+                return var
+        return f"{ENV_PREFIX}* environment"
+    return ""
+
+
+def _depth_found(data: Any, loc: tuple[Any, ...]) -> int:
+    depth = 0
+    for part in loc:
+        in_dict = isinstance(data, dict) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and part < len(data)
+        if not (in_dict or in_list):
+            break
+        data = data[part]
+        depth += 1
+    return depth
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:

@@ -41,21 +41,36 @@ def download(
             repo_id, revision=revision, token=token, allow_patterns=allow_patterns
         )
     except GatedRepoError:
-        raise SourceNotFoundError(
-            f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN to a token with access",
-            code="gated_repo",
-        ) from None
+        if token:
+            message = (f"{repo_id} is gated and the hub token in use has no access to it: accept its licence "
+                       f"on the hub page of {repo_id} with the account that token belongs to")
+        else:
+            message = f"{repo_id} is gated: accept its licence on the hub and set HF_TOKEN to a token with access"
+        raise SourceNotFoundError(message, code="gated_repo") from None
     except RepositoryNotFoundError:
+        hint = "the hub token in use cannot see it" if token else "set HF_TOKEN"
         raise SourceNotFoundError(
-            f"model {repo_id!r} was not found on the hub (or it is private: set HF_TOKEN)"
+            f"model {repo_id!r} was not found on the hub (or it is private: {hint})"
         ) from None
     except RevisionNotFoundError:
         raise SourceNotFoundError(f"revision {revision!r} of {repo_id} does not exist") from None
     except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set"
+        else:
+            why = f"the hub ({constants.ENDPOINT}) cannot be reached"
         raise SourceNotFoundError(
-            f"{repo_id} is not in the local cache and the hub cannot be reached "
-            "(offline mode or no network); download it once while online"
+            f"{repo_id} is not in the local Hugging Face cache and {why}; download it once while online"
         ) from None
     except HfHubHTTPError as exc:
-        raise SourceNotFoundError(f"the hub refused {repo_id}: {exc}") from None
+        raise SourceNotFoundError(f"the hub refused {repo_id}: {_first_line(exc)}") from None
+    except OSError as exc:  # requests' SSL/proxy errors, which huggingface_hub re-raises as they are
+        raise SourceNotFoundError(f"cannot download {repo_id} from the hub: {_first_line(exc)}") from None
     return Path(folder)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -34,6 +34,8 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     source: str
     revision: str | None = None
+    # Hub sources: the commit `revision` resolved to when exporting (reproducibility).
+    commit: str | None = None
     task: Task
     architecture: str
     model_type: str

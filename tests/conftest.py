@@ -116,3 +116,19 @@ def _has_cuda() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def server(smollm2_fp32: Path, minilm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One real server for the API tests: SmolLM2 (chat) and MiniLM (embeddings), started the seed's way
+    (`fastllm --config FILE`, no subcommand)."""
+    from serving import run_server
+
+    folder = tmp_path_factory.mktemp("server")
+    config = folder / "config.toml"
+    config.write_text(
+        f'[model]\nmodel_id = "{smollm2_fp32}"\n\n'
+        f'[[models]]\nmodel_id = "{minilm_export}"\nserved_model_name = "all-MiniLM-L6-v2"\n'
+    )
+    with run_server(["--config", str(config)], log_dir=folder, subcommand=None) as running:
+        yield running

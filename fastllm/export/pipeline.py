@@ -6,10 +6,13 @@ the very end, so an interrupted export never leaves a half model that `serve` co
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -72,9 +75,13 @@ def export(options: ExportOptions) -> Path:
             from fastllm.export.quantize import rewrite
 
             rewrite(staging / manifest.onnx_file, dtype=options.dtype, quantization=options.quantize)
+        else:
+            log.info("[4/5] keeping the fp32 graph as exported (no --dtype/--quantize rewrite)")
         if options.validate:
             log.info("[5/5] validating against PyTorch")
             _validate(staging, manifest, checkpoint, model, tokenizer)
+        else:
+            log.warning("[5/5] validation skipped (--no-validate): nothing checked this graph against PyTorch")
         manifest.files = {
             p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()
         }
@@ -108,9 +115,37 @@ def _to_onnx(model: Any, checkpoint: sources.Checkpoint, staging: Path) -> None:
 
     task = "text-generation-with-past" if checkpoint.task == "text-generation" else "feature-extraction"
     try:
-        onnx_export_from_model(model, staging, task=task, do_validation=False)
+        with _quiet_tracing():
+            onnx_export_from_model(model, staging, task=task, do_validation=False)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ExportError(f"optimum could not export {checkpoint.source}: {exc}") from None
+
+
+class _TiedWeightNotice(logging.Filter):
+    """Drops optimum's warning that a tied lm_head got its own initializer in the traced graph: the
+    expected case for every tied-embedding model, which optimum then deduplicates itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Found different candidate ONNX initializers") or message.startswith("\t"))
+
+
+@contextlib.contextmanager
+def _quiet_tracing() -> Iterator[None]:
+    """Hide the TorchScript tracer's warnings: dozens of lines per export about Python control flow
+    frozen into the graph, which the cached-decoder layout accounts for and validation then checks."""
+    from torch.jit import TracerWarning
+
+    optimum_log = logging.getLogger("optimum")
+    notice = _TiedWeightNotice()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TracerWarning)
+        warnings.filterwarnings("ignore", message=r"Exporting aten::index operator", category=UserWarning)
+        optimum_log.addFilter(notice)
+        try:
+            yield
+        finally:
+            optimum_log.removeFilter(notice)
 
 
 def _drop_redundant_tokenizer_files(folder: Path) -> None:
@@ -136,6 +171,7 @@ def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any
         name=name,
         source=checkpoint.source,
         revision=checkpoint.revision,
+        commit=checkpoint.commit,
         task=checkpoint.task,  # type: ignore[arg-type]
         architecture=(config.architectures or [type(model).__name__])[0],
         model_type=config.model_type,

@@ -39,17 +39,44 @@ def fold_transposed_initializers(model: object) -> int:
         graph.initializer.append(numpy_helper.from_array(transposed, name=node.output[0]))
         graph.node.remove(node)
         folded += 1
+        if not _still_used(graph, node.input[0]):
+            # An untied weight used only through this Transpose: drop the original, not keep both.
+            graph.initializer.remove(initializers.pop(node.input[0]))
     return folded
 
 
-def quantize_weights(model: object, bits: int) -> object:
-    """Weight-only MatMulNBits quantization (bits 4 or 8), block size 32, symmetric."""
+def _still_used(graph: object, name: str) -> bool:
+    nodes = graph.node  # type: ignore[attr-defined]
+    if any(attr.g.node or attr.graphs for node in nodes for attr in node.attribute):
+        return True  # subgraphs (If/Loop) may refer to it; keeping a spare weight is always safe
+    return any(name in node.input for node in nodes) or any(o.name == name for o in graph.output)  # type: ignore[attr-defined]
+
+
+def _import_quantizer() -> tuple[type, type]:
+    """Import ORT's quantizer without its side effects on logging.
+
+    The module calls ``logging.basicConfig(level=INFO)`` at import, which would make every library
+    user's root logger chatty, and then logs two INFO lines per graph node it visits (thousands).
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    fold_transposed_initializers(model)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    return DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+
+def quantize_weights(model: object, bits: int) -> object:
+    """Weight-only MatMulNBits quantization (bits 4 or 8), block size 32, symmetric."""
+    DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _import_quantizer()
+
+    folded = fold_transposed_initializers(model)
+    log.info("quantizing MatMul weights to int%d (MatMulNBits, block 32); %d tied weight(s) folded", bits, folded)
     config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
                                      algo_config=config)

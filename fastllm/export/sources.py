@@ -7,6 +7,7 @@ no pad token). The GGUF's own metadata is the truth, so we re-apply it after loa
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -47,6 +48,10 @@ class Checkpoint:
     task: str = "text-generation"
     pooling: str | None = None
     normalize: bool = False
+    # Embedding models: the longest input sentence-transformers feeds the model (sentence_bert_config.json).
+    max_seq_length: int | None = None
+    # Hub sources: the commit the revision resolved to (the snapshot folder's name).
+    commit: str | None = None
 
     @property
     def model_type(self) -> str:
@@ -72,7 +77,8 @@ def resolve(source: str, *, revision: str | None, token: str | None, task: str) 
     elif hub.looks_like_repo_id(source):
         folder = hub.download(source, revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS)
         checkpoint = Checkpoint(
-            source=source, name=source, folder=folder, revision=revision, config=_read_config(folder)
+            source=source, name=source, folder=folder, revision=revision, config=_read_config(folder),
+            commit=folder.name,
         )
     else:
         raise SourceNotFoundError(
@@ -96,14 +102,28 @@ def _gguf_config(path: Path) -> dict[str, Any]:
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The GGUF key/value table, without the tensors (cheap: the reader memory-maps the file)."""
+    """The GGUF key/value table, without the tensors.
+
+    Parsing the table costs seconds for a 49k-token vocabulary, and an export needs it twice (resolve,
+    then the tokenizer fix), so it is cached per file version.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _read_gguf_metadata(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_gguf_metadata(path: Path, mtime_ns: int, size: int) -> dict[str, Any]:
     import gguf
 
     try:
         reader = gguf.GGUFReader(path)
-        return {key: value.contents() for key, value in reader.fields.items()}
+        meta = {key: value.contents() for key, value in reader.fields.items()}
     except Exception as exc:  # gguf raises ValueError, IndexError, struct errors... on damaged files
         raise CorruptModelError(f"{path} is not a readable GGUF file: {exc}") from None
+    if "general.architecture" not in meta:
+        raise CorruptModelError(f"{path} is a GGUF file without general.architecture; it is not a model")
+    return meta
 
 
 def _classify(checkpoint: Checkpoint, task: str) -> None:
@@ -123,6 +143,7 @@ def _classify(checkpoint: Checkpoint, task: str) -> None:
         )
     if task == "embedding":
         checkpoint.pooling, checkpoint.normalize = _sentence_transformers_pooling(checkpoint.folder)
+        checkpoint.max_seq_length = _sentence_transformers_max_length(checkpoint.folder)
 
 
 def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool]:
@@ -150,6 +171,18 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[str, bool]:
     return pooling, normalize
 
 
+def _sentence_transformers_max_length(folder: Path) -> int | None:
+    """sentence-transformers truncates inputs here (256 for all-MiniLM-L6-v2, below BERT's 512)."""
+    config_file = folder / "sentence_bert_config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        value = json.loads(config_file.read_text()).get("max_seq_length")
+    except json.JSONDecodeError as exc:
+        raise CorruptModelError(f"{config_file} is not valid JSON: {exc}") from None
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     """Load the fp32 PyTorch model and its tokenizer (fixed up from GGUF metadata where needed)."""
     import torch
@@ -169,6 +202,8 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
         _apply_gguf_tokenizer_metadata(checkpoint.folder / checkpoint.gguf_file, model, tokenizer)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    if checkpoint.max_seq_length and not 0 < tokenizer.model_max_length <= checkpoint.max_seq_length:
+        tokenizer.model_max_length = checkpoint.max_seq_length
     return model, tokenizer
 
 
@@ -196,6 +231,31 @@ def _apply_gguf_tokenizer_metadata(path: Path, model: Any, tokenizer: Any) -> No
         tokenizer.add_bos_token = bool(meta["tokenizer.ggml.add_bos_token"])
     if "tokenizer.ggml.add_eos_token" in meta and hasattr(tokenizer, "add_eos_token"):
         tokenizer.add_eos_token = bool(meta["tokenizer.ggml.add_eos_token"])
+    if "tokenizer.ggml.add_bos_token" in meta and bos:
+        _make_encode_add_bos(tokenizer, bool(meta["tokenizer.ggml.add_bos_token"]), bos)
     if template := meta.get("tokenizer.chat_template"):
         tokenizer.chat_template = template
     log.info("tokenizer special tokens taken from GGUF metadata: eos=%s bos=%s", eos, bos)
+
+
+def _make_encode_add_bos(tokenizer: Any, add: bool, bos: tuple[int, str]) -> None:
+    """Make ``tokenizer.json`` itself (what serve reads) prepend BOS exactly when the GGUF says so.
+
+    Tokenizer classes with an ``add_bos_token`` property rebuild their post-processor from it; the
+    others keep whatever the GGUF conversion produced, so check the encoding and rewrite it if needed.
+    """
+    from tokenizers import processors
+
+    probe = tokenizer.backend_tokenizer.encode("a").ids
+    adds = bool(probe) and probe[0] == bos[0]
+    if adds == add:
+        return
+    if add:
+        template = processors.TemplateProcessing(
+            single=f"{bos[1]} $A", pair=f"{bos[1]} $A {bos[1]} $B:1", special_tokens=[(bos[1], bos[0])]
+        )
+    else:
+        template = processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[])
+    tokenizer.backend_tokenizer.post_processor = template
+    log.info("tokenizer post-processor rewritten: %s BOS on encode, as the GGUF declares",
+             "adds" if add else "no")

@@ -67,10 +67,11 @@ def validate_causal(folder: Path, manifest: Manifest, model: Any, tokenizer: Any
     exact = manifest.dtype == "fp32" and manifest.quantization == "none"
     for messages in PROMPTS:
         prompt = _prompt_ids(tokenizer, messages)
+        input_ids = torch.tensor([prompt])
         with torch.no_grad():
             generated = model.generate(
-                torch.tensor([prompt]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
-                eos_token_id=list(eos) or None, pad_token_id=manifest.pad_token_id,
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=GREEDY_TOKENS,
+                do_sample=False, eos_token_id=list(eos) or None, pad_token_id=manifest.pad_token_id,
             )
         reference = generated[0, len(prompt):].tolist()
         ours = greedy_onnx(decoder, prompt, GREEDY_TOKENS, eos)
@@ -113,6 +114,9 @@ EMBEDDING_TEXTS = [
     "The food was delicious and the waiter was friendly.",
     "ONNX Runtime executes models on many kinds of hardware.",
     "A short one.",
+    # Longer than sentence-transformers' max_seq_length (256 tokens for all-MiniLM-L6-v2, below BERT's
+    # 512 positions): catches a context_length that truncates differently from the reference.
+    " ".join([QUALITY_TEXT] * 6),
 ]
 
 

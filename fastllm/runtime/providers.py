@@ -30,17 +30,26 @@ CPU = "CPUExecutionProvider"
 
 
 def choose_providers(requested: str | Sequence[str], available: Sequence[str]) -> list[str]:
-    """Ordered providers to try: "auto" ranks the available ones, a list is validated as given."""
-    if requested == "auto":
-        chosen = [p for p in PREFERENCE if p in available]
-        return chosen or [CPU]
-    unknown = [p for p in requested if p not in available]
+    """Ordered providers to try: "auto" ranks the available ones, a list is validated as given.
+
+    A bare string other than "auto" is read as a comma-separated list, so that
+    ``"CUDAExecutionProvider"`` is one provider rather than a sequence of characters.
+    """
+    if isinstance(requested, str):
+        if requested.strip().lower() == "auto":
+            chosen = [p for p in PREFERENCE if p in available]
+            return chosen or [CPU]
+        requested = requested.split(",")
+    chosen = list(dict.fromkeys(p.strip() for p in requested if p.strip()))
+    unknown = [p for p in chosen if p not in available]
     if unknown:
+        hint = ""
+        if "CUDAExecutionProvider" in unknown:
+            hint = (' (CUDA needs onnxruntime-gpu in place of onnxruntime: pip uninstall -y onnxruntime && '
+                    'pip install "fastllm[gpu]")')
         raise ConfigError(
-            f"runtime.providers asks for {unknown}, but this onnxruntime build offers {list(available)}"
-            + (" (install fastllm[gpu] for CUDA)" if "CUDAExecutionProvider" in unknown else "")
+            f"runtime.providers asks for {unknown}, but this onnxruntime build offers {list(available)}{hint}"
         )
-    chosen = list(requested)
     if CPU not in chosen:
         chosen.append(CPU)
     return chosen
@@ -85,6 +94,13 @@ def session_options(threads: int) -> Any:
     return options
 
 
+def _option_values(options: dict[str, Any]) -> dict[str, Any]:
+    """ORT stringifies option values; a TOML ``4e9`` would reach it as "4000000000.0", which integer
+    options such as ``gpu_mem_limit`` do not parse, so whole floats go over as integers."""
+    return {key: int(value) if isinstance(value, float) and value.is_integer() else value
+            for key, value in options.items()}
+
+
 def create_session(
     model_path: Path,
     *,
@@ -104,7 +120,9 @@ def create_session(
             session = ort.InferenceSession(
                 str(model_path),
                 sess_options=session_options(threads),
-                providers=[(p, provider_options.get(p, {})) for p in chain],
+                providers=[(p, _option_values(provider_options.get(p, {}))) for p in chain],
+                # ORT's own fallback prints to stdout and jumps straight to CPU; this loop logs instead.
+                enable_fallback=0,
             )
         except Exception as exc:  # ORT raises plain RuntimeError/Fail for provider failures
             errors.append(f"{provider}: {exc}")

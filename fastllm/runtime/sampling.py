@@ -61,10 +61,7 @@ class Sampler:
         p = self.params
         logprob = self._logprob(logits) if p.logprobs else None
         scores = self._penalised(logits)
-        if p.greedy:
-            token = int(np.argmax(scores))
-        else:
-            token = self._draw(scores)
+        token = int(np.argmax(scores)) if p.greedy else self._draw(scores)
         self.output_counts[token] += 1
         if logprob is not None:
             logprob.token_id = token

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 from litestar import Litestar
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
@@ -21,7 +22,7 @@ from fastllm import __version__
 from fastllm.config import Settings
 from fastllm.errors import OverloadedError
 from fastllm.runtime.models import load_model
-from fastllm.server.errors import error_response, handle_exception
+from fastllm.server.errors import handle_exception
 from fastllm.server.metrics import Metrics
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.routes.chat import ChatController
@@ -29,6 +30,7 @@ from fastllm.server.routes.completions import CompletionsController
 from fastllm.server.routes.embeddings import EmbeddingsController
 from fastllm.server.routes.health import HealthController
 from fastllm.server.routes.models import ModelsController
+from fastllm.server.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ def load_registry(settings: Settings) -> ModelRegistry:
     return ModelRegistry(models)
 
 
+_UNAUTHORIZED = msgspec.json.encode(ErrorResponse(error=ErrorBody(
+    message="Incorrect API key provided", type="authentication_error", code="invalid_api_key")))
+
+
 def _auth_middleware(keys: list[str]) -> Any:
     expected = [f"Bearer {key}".encode() for key in keys]
 
@@ -63,9 +69,9 @@ def _auth_middleware(keys: list[str]) -> Any:
                 given = dict(scope["headers"]).get(b"authorization", b"")
                 # Compare against every key, always: the time taken says nothing about which matched.
                 if not any([hmac.compare_digest(given, key) for key in expected]):
-                    response = error_response(401, "Incorrect API key provided", code="invalid_api_key",
-                                              headers={"WWW-Authenticate": "Bearer"})
-                    await response(scope, receive, send)  # type: ignore[arg-type]
+                    await send({"type": "http.response.start", "status": 401, "headers": [
+                        (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+                    await send({"type": "http.response.body", "body": _UNAUTHORIZED})
                     return
             await app(scope, receive, send)
 

@@ -36,7 +36,7 @@ def error_response(status: int, message: str, *, error_type: str | None = None, 
 
 def error_payload(exc: BaseException) -> bytes:
     """The JSON body for an error that happens after a stream has started (sent as an SSE event)."""
-    status, body, _ = _describe(exc)
+    _, body, _ = _describe(exc)
     return msgspec.json.encode(ErrorResponse(error=body))
 
 
@@ -45,6 +45,9 @@ def _describe(exc: BaseException) -> tuple[int, ErrorBody, dict[str, str] | None
         headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, OverloadedError) else None
         return exc.status, ErrorBody(message=exc.message, type=exc.error_type, param=exc.param,
                                      code=exc.code), headers
+    if isinstance(exc, UnicodeDecodeError | msgspec.DecodeError | RecursionError):
+        return 400, ErrorBody(message=f"malformed JSON body: {exc}", type="invalid_request_error",
+                              code="invalid_json"), None
     if isinstance(exc, ValidationException):
         param, message = _validation_detail(exc)
         return 400, ErrorBody(message=message, type="invalid_request_error", param=param,

@@ -11,7 +11,7 @@ from fastllm.errors import ContextLengthError, InvalidRequestError, WrongModelTy
 from fastllm.runtime.generation import GenerationRequest
 from fastllm.runtime.models import ServedModel
 from fastllm.runtime.sampling import SamplingParams
-from fastllm.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, _SamplingFields
+from fastllm.server.schemas import ChatCompletionRequest, ChatMessage, _SamplingFields
 
 CHAT_ROLES = {"system", "user", "assistant", "developer"}
 
@@ -98,18 +98,22 @@ def chat_request(model: ServedModel, body: ChatCompletionRequest, max_n: int) ->
                  max_tokens=body.max_completion_tokens or body.max_tokens)
 
 
-def completion_prompts(model: ServedModel, body: CompletionRequest) -> list[list[int]]:
-    prompt = body.prompt
-    if isinstance(prompt, str):
-        return [model.tokenizer.encode(prompt)]
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return [model.tokenizer.encode(p) for p in prompt]  # type: ignore[arg-type]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        check_token_ids(model, prompt, "prompt")  # type: ignore[arg-type]
-        return [list(prompt)]  # type: ignore[arg-type]
-    lists = [list(p) for p in prompt]  # type: ignore[union-attr]
-    for ids in lists:
-        check_token_ids(model, ids, "prompt")
-    if not lists:
-        raise InvalidRequestError("prompt is empty", param="prompt")
+def token_lists(model: ServedModel, items: str | list[Any], param: str) -> list[list[int]]:
+    """A string, strings, one token-id list or token-id lists → token-id lists (strings are encoded)."""
+    if isinstance(items, str):
+        items = [items]
+    kinds = {type(item) for item in items}
+    if len(kinds) > 1:
+        raise InvalidRequestError(f"{param} mixes strings, token ids and token-id lists", param=param)
+    if kinds == {int}:
+        items = [items]
+    lists = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            if not item:
+                raise InvalidRequestError(f"{param}[{i}] is an empty string", param=param)
+            lists.append(model.tokenizer.encode(item))
+        else:
+            check_token_ids(model, item, param)
+            lists.append(list(item))
     return lists

@@ -18,7 +18,10 @@ Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 StopList = Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=16)]
 # Token ids are non-negative; the model's vocabulary bound is checked once the model is known.
-TokenIds = Annotated[list[Annotated[int, Meta(ge=0)]], Meta(min_length=1)]
+TokenId = Annotated[int, Meta(ge=0)]
+# A string, or a list of strings, token ids or token-id lists. msgspec allows one array type per union, so the
+# list's items are a union and `fastllm.server.requests` rejects lists that mix kinds.
+PromptInput = str | Annotated[list[str | TokenId | Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)]
 
 
 class TextPart(msgspec.Struct, kw_only=True):
@@ -64,7 +67,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: PromptInput
     logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     echo: bool = False
     suffix: str | None = None
@@ -72,7 +75,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: str
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: PositiveInt | None = None
     user: str | None = None

@@ -79,7 +79,7 @@ class CompletionsController(Controller):
     async def create(self, data: CompletionRequest, registry: ModelRegistry, settings: Settings,
                      metrics: Metrics) -> Response[bytes] | ServerSentEvent:
         model = registry.generator(data.model)
-        prompts = requests.completion_prompts(model, data)
+        prompts = requests.token_lists(model, data.prompt, "prompt")
         top = data.logprobs or 0
         built = [
             requests.build(model, data, ids, max_n=settings.runtime.max_n, logprobs=data.logprobs is not None,

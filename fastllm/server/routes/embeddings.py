@@ -12,35 +12,18 @@ from fastllm.errors import InvalidRequestError
 from fastllm.runtime.models import ServedModel
 from fastllm.server.metrics import Metrics
 from fastllm.server.registry import ModelRegistry
-from fastllm.server.requests import check_token_ids
+from fastllm.server.requests import token_lists
 from fastllm.server.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
 
 MAX_INPUTS = 2048  # OpenAI's own limit per request
 
 
 def _token_lists(model: ServedModel, body: EmbeddingRequest) -> list[list[int]]:
-    raw = body.input
-    if isinstance(raw, str):
-        raw = [raw]
-    if not raw:
-        raise InvalidRequestError("input must not be empty", param="input")
-    if len(raw) > MAX_INPUTS:
-        raise InvalidRequestError(f"input holds {len(raw)} items; at most {MAX_INPUTS} are allowed",
+    if isinstance(body.input, list) and len(body.input) > MAX_INPUTS and not isinstance(body.input[0], int):
+        raise InvalidRequestError(f"input holds {len(body.input)} items; at most {MAX_INPUTS} are allowed",
                                   param="input")
-    if all(isinstance(item, int) for item in raw):
-        raw = [raw]  # one token-id array
-    lists: list[list[int]] = []
-    limit = model.context_length
-    for i, item in enumerate(raw):
-        if isinstance(item, str):
-            if not item:
-                raise InvalidRequestError(f"input[{i}] is an empty string", param="input")
-            ids = model.tokenizer.encode(item)
-        else:
-            ids = list(item)  # type: ignore[arg-type]
-            check_token_ids(model, ids, "input")
-        lists.append(ids[:limit])  # truncate to what the model can attend to, as sentence-transformers does
-    return lists
+    # Truncate to what the model can attend to, as sentence-transformers does.
+    return [ids[: model.context_length] for ids in token_lists(model, body.input, "input")]
 
 
 def _encode(vector: np.ndarray, encoding: str) -> list[float] | str:
