@@ -132,3 +132,19 @@ def server(smollm2_fp32: Path, minilm_export: Path, tmp_path_factory: pytest.Tem
     )
     with run_server(["--config", str(config)], log_dir=folder, subcommand=None) as running:
         yield running
+
+
+# --- export tests (test_export*.py, test_hub*.py) ---------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8(smollm2_gguf: Path) -> Path:
+    return cached_export(smollm2_gguf, "smollm2-int8", quantize="int8")
+
+
+def tiny_export(name: str, **options: object) -> Path:
+    """Export the tiny random checkpoint `name` (see tests/tiny_models.py), cached like real models."""
+    import tiny_models
+
+    variant = "".join(f"-{key}={value}" for key, value in sorted(options.items()))
+    return cached_export(tiny_models.build(name), f"tiny-{tiny_models.TINY_HASH}-{name}{variant}", **options)

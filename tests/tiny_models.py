@@ -2,8 +2,9 @@
 
 Each is a real `save_pretrained` folder (safetensors weights, config, generation config and a
 `tokenizers`-built tokenizer with a chat template), small enough (hidden 64, 2 layers, ~400 tokens)
-that exporting one takes seconds. Weights are seeded, so a folder is identical on every machine;
-`build()` caches them under `.cache/test-assets/tiny-<hash of this file>/`.
+that exporting one takes seconds. Weights are seeded; `build()` caches the folders under
+`.cache/test-assets/tiny-<hash of this file>/`, so every run of one version of this file sees the same
+checkpoints (tokenizer training is not guaranteed bit-identical across `tokenizers` versions).
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ CAUSAL: dict[str, tuple[Callable[[Any], Any], bool, str, str]] = {
     "gemma": (_gemma, True, "gemma", "GemmaForCausalLM"),
 }
 
+# sentence-transformers truncates inputs to this, below the embedders' 128 positions.
+MAX_SEQ_LENGTH = 64
+
 EMBEDDERS: dict[str, dict[str, Any]] = {
     "bert-mean": {"pooling": "mean", "normalize": True},
     "bert-cls": {"pooling": "cls", "normalize": False},
@@ -194,7 +198,9 @@ def build_embedder(name: str, folder: Path) -> Path:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128, "do_lower_case": False}))
+    # Shorter than the 128 positions: sentence-transformers truncates here, so exports must too.
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": MAX_SEQ_LENGTH,
+                                                                  "do_lower_case": False}))
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": 64,

@@ -162,6 +162,10 @@ class GenerationEngine:
         self._admit()
         if self._running:
             self._decode_step()
+        self._update_stats()
+
+    def _update_stats(self) -> None:
+        """Counts are updated before results are sent, so a finished client never sees itself running."""
         self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
 
@@ -210,11 +214,12 @@ class GenerationEngine:
             for i in range(request.n)
         ]
         deltas = [self._accept(seq, out.logits[0]) for seq in sequences]
-        pending.send(deltas)
         alive = [s for s in sequences if s.finish_reason is None]
         if alive:
             self._cache.join(out.present, len(alive))
             self._running.extend(alive)
+        self._update_stats()
+        pending.send(deltas)
 
     def _decode_step(self) -> None:
         tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
@@ -236,11 +241,12 @@ class GenerationEngine:
                 seq.request.send(EngineError("the model failed while generating this response"))
                 continue
             by_request.setdefault(id(seq.request), (seq.request, []))[1].append(delta)
+        if any(s.finish_reason for s in self._running):
+            self._retain([s for s in self._running if s.finish_reason is None])
+        self._update_stats()
         for pending, deltas in by_request.values():
             if not pending.cancelled:
                 pending.send(deltas)
-        if any(s.finish_reason for s in self._running):
-            self._retain([s for s in self._running if s.finish_reason is None])
 
     def _accept(self, seq: _Sequence, logits: np.ndarray) -> Delta:
         """Sample one token for ``seq`` and turn it into a delta, finishing the sequence if due."""
