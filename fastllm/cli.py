@@ -151,7 +151,7 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
     except ImportError as exc:
         from fastllm.errors import MissingExtraError
 
-        raise MissingExtraError("export", exc.name or "optimum") from None
+        raise MissingExtraError("export", (exc.name or "optimum").split(".")[0]) from None
     folder = run_export(ExportOptions(
         source=source, output=output, models_dir=models_dir, revision=revision, token=os.environ.get("HF_TOKEN"),
         task=task, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code, force=force,
@@ -165,13 +165,19 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
 @_friendly_errors
 def list_models(models_dir: Path) -> None:
     """List the exported models in models/ (name, task, dtype, quantization, size)."""
+    from fastllm.errors import CorruptModelError
     from fastllm.manifest import is_model_dir, read_manifest
 
     rows = []
+    # Hidden folders are exports in progress (or killed mid-way): never list them as models.
     for folder in sorted(p for p in models_dir.iterdir() if p.is_dir()) if models_dir.is_dir() else []:
-        if not is_model_dir(folder):
+        if folder.name.startswith(".") or not is_model_dir(folder):
             continue
-        m = read_manifest(folder)
+        try:
+            m = read_manifest(folder)
+        except CorruptModelError as exc:
+            click.secho(f"warning: skipping {folder.name}: {exc.message}", err=True, fg="yellow")
+            continue
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
         rows.append((folder.name, m.name, m.task, m.dtype, m.quantization, f"{size / 1e6:.1f} MB"))
     if not rows:
@@ -181,6 +187,26 @@ def list_models(models_dir: Path) -> None:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+@main.command("bundle")
+@click.argument("model_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--output", "-o", type=click.Path(path_type=Path), required=True, help="Folder to write the context to.")
+@click.option("--gpu", is_flag=True, help="CUDA base image and onnxruntime-gpu instead of the CPU build.")
+@click.option("--image", help="Image name for the Kubernetes manifests (default fastllm-<model>:latest).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@_friendly_errors
+def bundle_command(model_dir: Path, output: Path, gpu: bool, image: str | None, force: bool) -> None:
+    """Write a Docker build context (and Kubernetes manifests) that serves MODEL_DIR.
+
+    The image holds fastllm[serve] and the model, runs as a non-root user and checks /health. Build and
+    run it with: docker build -t NAME OUTPUT && docker run -p 3000:3000 NAME
+    """
+    from fastllm.bundle import bundle
+
+    result = bundle(model_dir, output, gpu=gpu, force=force, image=image)
+    click.echo(f"wrote {result.output} (model {result.model_bytes / 1e6:.1f} MB); "
+               f"build it with: docker build -t {result.image} {result.output}")
 
 
 if __name__ == "__main__":

@@ -208,15 +208,26 @@ def hub_env(tmp: Path, endpoint: str | None = None, **extra: str) -> dict[str, s
 
 
 def run_fastllm(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None = None,
-                block_import: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """``python -m fastllm ARGS`` (the real CLI); ``block_import`` makes that module unimportable."""
+                prelude: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``python -m fastllm ARGS`` (the real CLI); ``prelude`` is Python run first in that process
+    (e.g. ``sys.modules['optimum'] = None`` to make a module unimportable)."""
     argv = [str(a) for a in args]
-    if block_import:
-        code = (f"import sys; sys.modules[{block_import!r}] = None; sys.argv = ['fastllm', *{argv!r}]; "
-                "from fastllm.cli import main; main()")
+    if prelude:
+        code = f"import sys\n{prelude}\nsys.argv = ['fastllm', *{argv!r}]\nfrom fastllm.cli import main\nmain()\n"
         command = [sys.executable, "-c", code]
     else:
         command = [sys.executable, "-m", "fastllm", *argv]
     environment = dict(env if env is not None else os.environ)
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), environment.get("PYTHONPATH")]))
     return subprocess.run(command, env=environment, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Exit 1 and exactly one ``error:`` line on stderr naming the problem, never a traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]

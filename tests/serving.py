@@ -34,13 +34,15 @@ class Server:
 
 @contextmanager
 def run_server(args: list[str], *, env: dict[str, str] | None = None, log_dir: Path, ready_timeout: float = 180,
-               subcommand: str | None = "serve") -> Iterator[Server]:
-    port = free_port()
+               subcommand: str | None = "serve", python: str = sys.executable, port: int | None = None,
+               cwd: Path | None = None) -> Iterator[Server]:
+    """Start the server; ``python`` and ``cwd`` let a test run another installation of FastLLM."""
+    port = port or free_port()
     log = log_dir / f"server-{port}.log"
-    command = [sys.executable, "-m", "fastllm", *([subcommand] if subcommand else []), "--port", str(port), *args]
+    command = [python, "-m", "fastllm", *([subcommand] if subcommand else []), "--port", str(port), *args]
     environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     with log.open("wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment)
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=environment, cwd=cwd)
     server = Server(process, port, log)
     try:
         deadline = time.monotonic() + ready_timeout

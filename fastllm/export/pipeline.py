@@ -7,6 +7,7 @@ the very end, so an interrupted export never leaves a half model that `serve` co
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -70,6 +71,7 @@ def export(options: ExportOptions) -> Path:
         tokenizer.save_pretrained(staging)
         _drop_redundant_tokenizer_files(staging)
         manifest = _manifest(options, checkpoint, model, tokenizer)
+        manifest.has_position_ids = "position_ids" in _graph_inputs(staging / manifest.onnx_file)
         if options.quantize != "none" or options.dtype != "fp32":
             log.info("[4/5] rewriting graph: dtype=%s quantize=%s", options.dtype, options.quantize)
             from fastllm.export.quantize import rewrite
@@ -115,10 +117,46 @@ def _to_onnx(model: Any, checkpoint: sources.Checkpoint, staging: Path) -> None:
 
     task = "text-generation-with-past" if checkpoint.task == "text-generation" else "feature-extraction"
     try:
+        custom = _position_ids_config(model) if checkpoint.task == "text-generation" else None
         with _quiet_tracing():
-            onnx_export_from_model(model, staging, task=task, do_validation=False)
+            onnx_export_from_model(model, staging, task=task, do_validation=False, custom_onnx_configs=custom)
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ExportError(f"optimum could not export {checkpoint.source}: {exc}") from None
+
+
+def _position_ids_config(model: Any) -> dict[str, Any] | None:
+    """optimum's decoder config for the model, given a ``position_ids`` input where it has none (Gemma).
+
+    Without it the graph numbers positions by the KV-cache length, which is wrong for every row that
+    is left-padded in a batch or whose cache the runtime compacts: RoPE then sees shifted distances.
+    """
+    from optimum.exporters.tasks import TasksManager
+
+    constructor = TasksManager.get_exporter_config_constructor(
+        exporter="onnx", model=model, task="text-generation-with-past", library_name="transformers"
+    )
+    default = constructor(model.config)
+    if "position_ids" in default.inputs:
+        return None
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return None
+
+    class WithPositionIds(type(default)):  # type: ignore[misc]
+        @property
+        def inputs(self) -> dict[str, dict[int, str]]:
+            inputs = super().inputs
+            inputs["position_ids"] = {0: "batch_size", 1: "sequence_length"}
+            return inputs
+
+    config = WithPositionIds(model.config, task="text-generation", use_past=True, use_past_in_inputs=True,
+                             float_dtype=default.float_dtype, int_dtype=default.int_dtype)
+    return {"model": config}
+
+
+def _graph_inputs(onnx_path: Path) -> set[str]:
+    import onnx
+
+    return {i.name for i in onnx.load(str(onnx_path), load_external_data=False).graph.input}
 
 
 class _TiedWeightNotice(logging.Filter):

@@ -1,0 +1,125 @@
+"""Engine-level speed of an exported model: prefill, single-stream decode, aggregate at N streams.
+
+    python scripts/bench_engine.py models/SmolLM2-135M-Instruct [--prompt-tokens 131] [--new-tokens 128]
+
+Runs the same GenerationEngine the server runs (continuous batching included), without HTTP. Figures are
+medians of --repeat runs after a warm-up, and comparable only within one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.runtime.generation import GenerationEngine, GenerationRequest
+from fastllm.runtime.models import load_model
+from fastllm.runtime.sampling import SamplingParams
+
+TEXT = ("The history of computing is a story of abstraction layered upon abstraction, from vacuum tubes to "
+        "transistors, from machine code to high level languages, and from single machines to vast networks. ") * 20
+
+
+async def _stream(engine: GenerationEngine, request: GenerationRequest) -> tuple[float, float, int]:
+    """(seconds to first token, seconds from first to last token, tokens)."""
+    start = time.perf_counter()
+    first = last = start
+    tokens = 0
+    async for deltas in engine.generate(request):
+        now = time.perf_counter()
+        if tokens == 0:
+            first = now
+        last = now
+        tokens += sum(len(d.token_ids) for d in deltas)
+    return first - start, last - first, tokens
+
+
+def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int], repeat: int,
+          threads: int) -> dict[str, object]:
+    model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=threads, max_batch_size=max(streams)),
+                       Path("models"))
+    engine = model.generator
+    if engine is None:
+        raise SystemExit(f"{folder} is not a text-generation model")
+    prompt = model.tokenizer.encode(TEXT, add_special_tokens=False)[:prompt_tokens]
+    greedy = SamplingParams(temperature=0.0)
+
+    def request(offset: int = 0) -> GenerationRequest:
+        # Distinct prompts per stream, so no two rows are identical work.
+        ids = prompt[offset:] + prompt[:offset]
+        return GenerationRequest(ids, greedy, max_tokens=new_tokens, ignore_eos=True)
+
+    decoder = engine.decoder
+    ids = np.asarray([prompt], dtype=np.int64)
+    positions = np.arange(len(prompt), dtype=np.int64)[None, :]
+    prefill = []
+    for i in range(repeat + 1):
+        start = time.perf_counter()
+        decoder.forward(ids, np.ones_like(ids), positions, decoder.empty_past(1))
+        if i:
+            prefill.append((time.perf_counter() - start) * 1000)
+
+    asyncio.run(_stream(engine, request()))  # warm-up
+    single = []
+    for _ in range(repeat):
+        _, decode_s, tokens = asyncio.run(_stream(engine, request()))
+        single.append((tokens - 1) / decode_s)
+
+    aggregate: dict[int, float] = {}
+    for n in streams:
+        runs = []
+        for _ in range(repeat):
+            async def together(n: int = n) -> tuple[float, int]:
+                start = time.perf_counter()
+                results = await asyncio.gather(*(_stream(engine, request(7 * i)) for i in range(n)))
+                return time.perf_counter() - start, sum(r[2] for r in results)
+
+            wall, tokens = asyncio.run(together())
+            runs.append(tokens / wall)
+        aggregate[n] = statistics.median(runs)
+    weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".onnx_data") or
+                  p.name.endswith(".onnx_data"))
+    model.close()
+    return {
+        "model": model.id, "folder": str(folder), "quantization": model.manifest.quantization,
+        "dtype": model.manifest.dtype, "weights_mb": round(weights / 1e6), "prompt_tokens": len(prompt),
+        "new_tokens": new_tokens, "prefill_ms": round(statistics.median(prefill), 1),
+        "decode_tok_s_1": round(statistics.median(single), 1),
+        "aggregate_tok_s": {str(n): round(v, 1) for n, v in aggregate.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": threads or "physical cores",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--prompt-tokens", type=int, default=131)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--streams", default="4,8")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="Also write the results here.")
+    args = parser.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+    results = [bench(m, args.prompt_tokens, args.new_tokens, streams, args.repeat, args.threads) for m in args.models]
+    print("| model | weights MB | prefill ms | decode tok/s, 1 stream | " +
+          " | ".join(f"{n} streams tok/s" for n in streams) + " |")
+    print("|---|---|---|---|" + "---|" * len(streams))
+    for r in results:
+        agg = r["aggregate_tok_s"]
+        print(f"| {r['model']} | {r['weights_mb']} | {r['prefill_ms']} | {r['decode_tok_s_1']} | " +
+              " | ".join(str(agg[str(n)]) for n in streams) + " |")  # type: ignore[index]
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
