@@ -60,6 +60,8 @@ def _serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-batch-size", type=int, help="Sequences decoded together per step."),
         click.option("--api-key", "api_keys", multiple=True, help="Require this Bearer key; repeatable."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"])),
+        click.option("--ray", "ray_replicas", type=int, metavar="REPLICAS",
+                     help="Serve REPLICAS copies on Ray Serve (pip install \"fastllm[ray]\") instead of one process."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -68,7 +70,8 @@ def _serve_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 def _serve(config_file: Path | None, models: tuple[str, ...], served_model_name: str | None, host: str | None,
            port: int | None, models_dir: Path | None, providers: str | None, threads: int | None,
-           max_batch_size: int | None, api_keys: tuple[str, ...], log_level: str | None) -> None:
+           max_batch_size: int | None, api_keys: tuple[str, ...], log_level: str | None,
+           ray_replicas: int | None = None) -> None:
     from fastllm.config import load_settings
 
     overrides: dict[str, Any] = {
@@ -87,6 +90,11 @@ def _serve(config_file: Path | None, models: tuple[str, ...], served_model_name:
         overrides["model"] = {"served_model_name": served_model_name}
     settings = load_settings(config_file, overrides)
     _setup_logging(settings.server.log_level)
+    if ray_replicas:
+        from fastllm import ray_serve
+
+        ray_serve.run(settings, replicas=ray_replicas)
+        return
     from fastllm.server.run import run_server
 
     run_server(settings)

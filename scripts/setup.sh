@@ -1,6 +1,6 @@
 # Sourced by the other scripts: create .venv (once) and install fastllm with the extras asked for.
 #   source scripts/setup.sh serve     # serving only
-#   source scripts/setup.sh all       # serve + export + dev (tests)
+#   source scripts/setup.sh all       # serve + export + ray + dev (tests)
 # torch is pinned to 2.13.0 because that CPU wheel is what this project's machines carry offline;
 # any other version would download gigabytes of CUDA libraries.
 want="${1:-all}"
@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
   case "$want" in
     serve) python -m pip install -q -e ".[serve]" ;;
-    *) python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[serve,export,dev]" ;;
+    *) python -m pip install -q "torch==2.13.0" && python -m pip install -q -e ".[serve,export,dev,ray]" ;;
   esac
   touch "$stamp"
 fi

@@ -71,7 +71,9 @@ class EmbeddingEngine:
         with self._wake:
             if self._stopping:
                 raise OverloadedError("the server is shutting down", status=503)
-            if len(self._jobs) + len(jobs) > self.max_queue:
+            # A request larger than the whole queue is still served when nothing waits: refusing it would
+            # answer "retry shortly" to a request that can never succeed.
+            if self._jobs and len(self._jobs) + len(jobs) > self.max_queue:
                 raise OverloadedError("too many embedding inputs are queued; retry shortly")
             self._jobs.extend(jobs)
             self._wake.notify()

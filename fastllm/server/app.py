@@ -11,10 +11,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.config.cors import CORSConfig
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -108,6 +109,16 @@ def _metrics_middleware(metrics: Metrics) -> Any:
     return factory
 
 
+def _require_json(request: Request[Any, Any, Any]) -> None:
+    """A body declared as anything but JSON is refused (415) before it is parsed; no declaration is fine."""
+    declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if request.method == "POST" and declared and declared != "application/json" and not declared.endswith("+json"):
+        raise HTTPException(
+            status_code=415,
+            detail=f"the body must be JSON, sent with Content-Type: application/json (it was declared {declared!r})",
+        )
+
+
 _KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
                            "/ready", "/metrics"})
 
@@ -154,6 +165,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Lit
         },
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
+        before_request=_require_json,
         middleware=middleware,
         cors_config=cors,
         request_max_body_size=settings.server.max_body_bytes,

@@ -14,6 +14,7 @@ from fastllm.runtime.sampling import SamplingParams
 from fastllm.server.schemas import ChatCompletionRequest, ChatMessage, _SamplingFields
 
 CHAT_ROLES = {"system", "user", "assistant", "developer"}
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -66,12 +67,16 @@ def build(model: ServedModel, body: _SamplingFields, prompt_ids: list[int], *, m
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     bias: dict[int, float] = {}
     for key, value in (body.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < model.tokenizer.vocab_size:
+        token = int(key) if key.isascii() and key.isdigit() and len(key) < 12 else -1  # not "²", "--1", 10**5000
+        if not 0 <= token < model.tokenizer.vocab_size:
             raise InvalidRequestError(f"logit_bias key {key!r} is not a token id of this model",
                                       param="logit_bias")
-        bias[int(key)] = value
+        bias[token] = value
+    temperature = 1.0 if body.temperature is None else body.temperature
     params = SamplingParams(
-        temperature=1.0 if body.temperature is None else body.temperature,
+        # Dividing logits by a near-zero temperature overflows to inf (then NaN probabilities): treat it as
+        # greedy, which is what it tends to, as vLLM does.
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=max(0, body.top_k or 0),
         min_p=body.min_p or 0.0,
@@ -81,7 +86,8 @@ def build(model: ServedModel, body: _SamplingFields, prompt_ids: list[int], *, m
         logit_bias=bias,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
-        seed=body.seed,
+        # Any integer is a valid seed for clients; numpy's generators take only non-negative ones.
+        seed=None if body.seed is None else body.seed % 2**64,
     )
     return GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or room, stop=stop,
                              n=body.n, ignore_eos=body.ignore_eos)

@@ -51,7 +51,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0.0, le=10.0)] | None = None
+    # Logits are divided by it: below 0.01 they overflow float32 and sampling sees NaN probabilities.
+    repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] | None = None
     logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
     ignore_eos: bool = False
     user: str | None = None

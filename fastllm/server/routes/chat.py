@@ -17,6 +17,7 @@ from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server import requests
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
+from fastllm.server.openapi import MODEL_ERRORS, StreamingOperation, responses
 from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import (
@@ -53,7 +54,9 @@ class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
 
-    @post(status_code=200, summary="Create a chat completion")
+    @post(status_code=200, summary="Create a chat completion", operation_class=StreamingOperation,
+          responses=responses(ChatCompletion, "The completion; Server-Sent Events of chunks when `stream` is true",
+                              408, *MODEL_ERRORS))
     async def create(self, data: ChatCompletionRequest, registry: ModelRegistry, settings: Settings,
                      metrics: Metrics) -> Response[bytes] | ServerSentEvent:
         model = registry.generator(data.model)

@@ -12,12 +12,14 @@ from litestar import Controller, Response, post
 from litestar.response import ServerSentEvent
 
 from fastllm.config import Settings
+from fastllm.errors import InvalidRequestError
 from fastllm.runtime.generation import Delta
 from fastllm.runtime.models import ServedModel
 from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server import requests
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
+from fastllm.server.openapi import MODEL_ERRORS, StreamingOperation, responses
 from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
@@ -75,11 +77,18 @@ class CompletionsController(Controller):
     path = "/v1/completions"
     tags = ["completions"]
 
-    @post(status_code=200, summary="Create a completion")
+    @post(status_code=200, summary="Create a completion", operation_class=StreamingOperation,
+          responses=responses(Completion, "The completion; Server-Sent Events of chunks when `stream` is true",
+                              408, *MODEL_ERRORS))
     async def create(self, data: CompletionRequest, registry: ModelRegistry, settings: Settings,
                      metrics: Metrics) -> Response[bytes] | ServerSentEvent:
         model = registry.generator(data.model)
         prompts = requests.token_lists(model, data.prompt, "prompt")
+        # Each prompt takes a place in the engine's queue: more than it holds could never be served (not a 429).
+        capacity = settings.runtime.max_batch_size + settings.runtime.max_queue
+        if len(prompts) > capacity:
+            raise InvalidRequestError(f"prompt holds {len(prompts)} prompts; this server takes at most {capacity} "
+                                      "in one request", param="prompt")
         top = data.logprobs or 0
         built = [
             requests.build(model, data, ids, max_n=settings.runtime.max_n, logprobs=data.logprobs is not None,

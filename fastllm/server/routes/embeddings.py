@@ -11,6 +11,7 @@ from litestar import Controller, Response, post
 from fastllm.errors import InvalidRequestError
 from fastllm.runtime.models import ServedModel
 from fastllm.server.metrics import Metrics
+from fastllm.server.openapi import MODEL_ERRORS, responses
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.requests import token_lists
 from fastllm.server.schemas import EmbeddingData, EmbeddingRequest, EmbeddingResponse, Usage
@@ -36,7 +37,8 @@ class EmbeddingsController(Controller):
     path = "/v1/embeddings"
     tags = ["embeddings"]
 
-    @post(status_code=200, summary="Create embeddings")
+    @post(status_code=200, summary="Create embeddings",
+          responses=responses(EmbeddingResponse, "One embedding per input, in input order", *MODEL_ERRORS))
     async def create(self, data: EmbeddingRequest, registry: ModelRegistry, metrics: Metrics) -> Response[bytes]:
         model = registry.embedder(data.model)
         if data.dimensions is not None and data.dimensions != model.manifest.embedding_dim:

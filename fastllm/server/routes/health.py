@@ -7,6 +7,7 @@ from litestar.datastructures import State
 
 from fastllm.server.errors import error_response
 from fastllm.server.metrics import Metrics
+from fastllm.server.openapi import responses
 
 
 class HealthController(Controller):
@@ -16,7 +17,8 @@ class HealthController(Controller):
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @get("/ready", summary="Readiness: models are loaded and the server is not draining")
+    @get("/ready", summary="Readiness: models are loaded and the server is not draining",
+         responses=responses(dict[str, object], "Ready, with the ids of the served models", 503))
     async def ready(self, state: State) -> Response[bytes] | dict[str, object]:
         registry = state.get("registry")
         if registry is None or registry.draining:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from litestar import Controller, get
 
 from fastllm.runtime.models import ServedModel
+from fastllm.server.openapi import responses
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import ModelCard, ModelList
 
@@ -19,10 +20,11 @@ class ModelsController(Controller):
     path = "/v1/models"
     tags = ["models"]
 
-    @get(summary="List models")
+    @get(summary="List models", responses=responses(ModelList, "The served models", 401, 503))
     async def list_models(self, registry: ModelRegistry) -> ModelList:
         return ModelList(data=[card(m) for m in registry])
 
-    @get("/{model_id:path}", summary="Retrieve a model")
+    @get("/{model_id:path}", summary="Retrieve a model",
+         responses=responses(ModelCard, "The model", 401, 404, 503))
     async def retrieve(self, model_id: str, registry: ModelRegistry) -> ModelCard:
         return card(registry.get(model_id.lstrip("/")))

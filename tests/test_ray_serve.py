@@ -1,0 +1,44 @@
+"""Two replicas on a local Ray instance (127.0.0.1), reached through Ray Serve's HTTP proxy."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from serving import run_server
+
+pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+
+
+def test_two_replicas_serve_chat_and_embeddings_through_the_proxy(smollm2_fp32: Path, minilm_export: Path,
+                                                                  tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[model]\nmodel_id = "{smollm2_fp32}"\n\n'
+        f'[[models]]\nmodel_id = "{minilm_export}"\nserved_model_name = "all-MiniLM-L6-v2"\n\n'
+        "[runtime]\nthreads = 1\n"
+    )
+    env = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        with run_server(["--config", str(config), "--ray", "2"], env=env, log_dir=tmp_path, ready_timeout=300,
+                        cwd=tmp_path) as server:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+            replicas: set[str] = set()
+            for _ in range(12):
+                raw = client.chat.completions.with_raw_response.create(
+                    model="SmolLM2-135M-Instruct", temperature=0, max_tokens=12,
+                    messages=[{"role": "user", "content": "What is the capital of France?"}])
+                assert "Paris" in raw.parse().choices[0].message.content
+                replicas.add(raw.headers["x-fastllm-replica"])
+                embedded = client.embeddings.with_raw_response.create(model="all-MiniLM-L6-v2", input="a cat")
+                assert len(embedded.parse().data[0].embedding) == 384
+                replicas.add(embedded.headers["x-fastllm-replica"])
+                if len(replicas) == 2:
+                    break
+            assert len(replicas) == 2, replicas
+            assert httpx.get(f"{server.url}/ready").status_code == 200
+    finally:
+        subprocess.run(["ray", "stop", "--force"], capture_output=True)
