@@ -139,31 +139,37 @@ def serve(**kwargs: Any) -> None:
               help="fp16 is for GPUs; on CPUs prefer --quantize int4.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="ONNX Runtime weight-only quantization (MatMulNBits).")
+@click.option("--graph", type=click.Choice(["optimum", "fused"]), default="optimum", show_default=True,
+              help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2, Phi-3, Gemma), "
+                   "several times faster per token on CPUs.")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own Python code.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @_friendly_errors
 def export(source: str, output: Path | None, models_dir: Path, revision: str | None, task: str, dtype: str,
-           quantize: str, trust_remote_code: bool, force: bool, no_validate: bool) -> None:
+           quantize: str, graph: str, trust_remote_code: bool, force: bool, no_validate: bool) -> None:
     """Export SOURCE (a hub id, a local HF folder or a .gguf file) to ONNX with a KV cache.
 
     The result goes to models/<name>/ with tokenizer, configs and a fastllm.json manifest. The hub
     token is read from HF_TOKEN; HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
     """
     _setup_logging()
-    try:
-        import optimum.exporters.onnx  # noqa: F401 - fail early with the install hint
+    import importlib.util
 
-        from fastllm.export.pipeline import ExportOptions
-        from fastllm.export.pipeline import export as run_export
-    except ImportError as exc:
-        from fastllm.errors import MissingExtraError
+    from fastllm.errors import MissingExtraError
 
-        raise MissingExtraError("export", (exc.name or "optimum").split(".")[0]) from None
+    # Fail early with the install hint, but without importing torch (seconds) before the cheap
+    # checks (dtype, source, output folder) have had their say.
+    for module in ("optimum", "torch", "transformers", "onnx", "onnxruntime"):
+        if importlib.util.find_spec(module) is None:
+            raise MissingExtraError("export", module)
+    from fastllm.export.pipeline import ExportOptions
+    from fastllm.export.pipeline import export as run_export
+
     folder = run_export(ExportOptions(
         source=source, output=output, models_dir=models_dir, revision=revision, token=os.environ.get("HF_TOKEN"),
         task=task, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code, force=force,
-        validate=not no_validate,
+        validate=not no_validate, graph=graph,
     ))
     click.echo(str(folder))
 

@@ -25,6 +25,7 @@ def download(
     revision: str | None = None,
     token: str | None = None,
     allow_patterns: list[str] | None = None,
+    ignore_patterns: list[str] | None = None,
 ) -> Path:
     """Snapshot a repo into the HF cache and return its local folder."""
     from huggingface_hub import snapshot_download
@@ -38,7 +39,7 @@ def download(
 
     try:
         folder = snapshot_download(
-            repo_id, revision=revision, token=token, allow_patterns=allow_patterns
+            repo_id, revision=revision, token=token, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns
         )
     except GatedRepoError:
         if token:

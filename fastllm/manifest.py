@@ -42,6 +42,9 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     dtype: str = "fp32"
     quantization: str = "none"
     onnx_file: str = "model.onnx"
+    # "optimum": optimum's general decoder graph (left-padded batches, position_ids input).
+    # "fused": ONNX Runtime GenAI's builder graph (GroupQueryAttention, fused norms; right-padded batches).
+    graph: Literal["optimum", "fused"] = "optimum"
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0

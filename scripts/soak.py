@@ -107,7 +107,8 @@ class Report:
 
     def summary(self) -> str:
         lines = [
-            f"requests:    {self.requests} in {self.duration_s:.1f}s ({self.requests / max(self.duration_s, 1e-9):.1f}/s)",
+            f"requests:    {self.requests} in {self.duration_s:.1f}s "
+            f"({self.requests / max(self.duration_s, 1e-9):.1f}/s)",
             f"kinds:       {dict(sorted(self.kinds.items()))}",
             f"statuses:    {', '.join(f'{r} {s}: {n}' for (r, s), n in sorted(self.statuses.items()))}",
             f"errors:      {self.errors_by_status() or 'none'} (4xx from the bad-input share)",
@@ -290,8 +291,9 @@ class Soak:
         if errors := [c["error"] for c in chunks if "error" in c]:
             self.fail(f"stream {prompt!r}: error event {errors[0]}")
             return
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+        choices = [c["choices"][0] for c in chunks if c["choices"]]
+        text = "".join(choice["delta"].get("content") or "" for choice in choices)
+        finishes = [choice["finish_reason"] for choice in choices if choice["finish_reason"]]
         usage = chunks[-1].get("usage") or {}
         if text != ref.text or finishes != [ref.finish_reason]:
             self.fail(f"stream {prompt!r}: deltas give {text!r} ({finishes}), expected {ref.text!r} "

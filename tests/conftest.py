@@ -148,3 +148,13 @@ def tiny_export(name: str, **options: object) -> Path:
 
     variant = "".join(f"-{key}={value}" for key, value in sorted(options.items()))
     return cached_export(tiny_models.build(name), f"tiny-{tiny_models.TINY_HASH}-{name}{variant}", **options)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fused(smollm2_gguf: Path) -> Path:
+    return cached_export(smollm2_gguf, "smollm2-fused", graph="fused")
+
+
+@pytest.fixture(scope="session")
+def smollm2_fused_int4(smollm2_gguf: Path) -> Path:
+    return cached_export(smollm2_gguf, "smollm2-fused-int4", graph="fused", quantize="int4")

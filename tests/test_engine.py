@@ -241,11 +241,25 @@ def test_batch_cache_left_pads_joins_and_trims_on_leave() -> None:
     cache = BatchCache()
     cache.join(_kv(3, 1.0), copies=1)
     cache.join(_kv(5, 2.0), copies=2)
-    assert cache.rows == 3 and cache.length == 5
-    assert cache.mask.tolist() == [[0, 0, 1, 1, 1], [1] * 5, [1] * 5]
+    assert cache.rows == 3 and cache.width == 5
+    assert cache.next_mask().tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6, [1] * 6]
     assert np.all(cache.past[0][0, :, :2] == 0) and np.all(cache.past[0][0, :, 2:] == 1.0)
+    cache.step([np.concatenate([p, np.full((3, 2, 1, 4), 9.0, dtype=np.float32)], axis=2) for p in cache.past])
     cache.keep([0])
-    assert cache.length == 3 and cache.mask.tolist() == [[1, 1, 1]]
+    assert cache.width == 4 and cache.next_mask().tolist() == [[1, 1, 1, 1, 1]]
+    assert np.all(cache.past[0][0, :, :3] == 1.0) and np.all(cache.past[0][0, :, 3] == 9.0)
     assert cache.past[0].flags.c_contiguous
     cache.keep([])
     assert cache.rows == 0
+
+
+def test_batch_cache_right_pads_for_fused_graphs() -> None:
+    cache = BatchCache(right_padded=True)
+    cache.join(_kv(3, 1.0), copies=1)
+    cache.join(_kv(5, 2.0), copies=1)
+    assert cache.next_mask().tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
+    assert np.all(cache.past[0][0, :, 3:] == 0) and np.all(cache.past[0][0, :, :3] == 1.0)
+    cache.step([np.zeros((2, 2, 6, 4), dtype=np.float32)] * 2)
+    assert cache.lengths.tolist() == [4, 6]
+    cache.keep([0])
+    assert cache.width == 4 and cache.next_mask().tolist() == [[1, 1, 1, 1, 1]]

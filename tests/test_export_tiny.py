@@ -80,7 +80,8 @@ def test_causal_manifest(name: str) -> None:
     assert manifest.num_kv_heads == config["num_key_value_heads"] == 2
     assert manifest.head_dim == (32 if name == "gemma" else config["hidden_size"] // config["num_attention_heads"])
     assert manifest.vocab_size == config["vocab_size"]
-    assert manifest.context_length == 256
+    # LongRoPE: only the original window, the one the traced graph reproduces (see the test below).
+    assert manifest.context_length == (64 if name == "phi3-longrope" else 256)
     im_end = config["eos_token_id"]
     assert manifest.eos_token_ids == [im_end]
     assert tokenizer_config["eos_token"] == tiny_models.IM_END
@@ -163,6 +164,30 @@ def test_cache_padding_does_not_move_positions(name: str) -> None:
     mask = np.concatenate([np.zeros((1, 3), dtype=np.int64), np.ones((1, n + 1), dtype=np.int64)], axis=1)
     padded = decoder.forward(token, mask, np.asarray([[n]]), padded_past)
     np.testing.assert_allclose(padded.logits, plain.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_longrope_context_is_the_window_the_graph_reproduces() -> None:
+    """Within the manifest's context the graph equals PyTorch; past it, it would not (hence the cap)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastllm.runtime.decoder import Decoder
+
+    folder = tiny_export("phi3-longrope")
+    manifest = read_manifest(folder)
+    model = AutoModelForCausalLM.from_pretrained(tiny_models.build("phi3-longrope"), dtype=torch.float32).eval()
+    decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
+    ids = np.random.RandomState(0).randint(5, manifest.vocab_size, size=(1, 100))
+
+    def max_error(n: int) -> float:
+        ours = decoder.forward(ids[:, :n], np.ones((1, n), dtype=np.int64), np.arange(n)[None, :],
+                               decoder.empty_past(1), all_logits=True).logits[0]
+        with torch.no_grad():
+            reference = model(torch.tensor(ids[:, :n])).logits[0].numpy()
+        return float(np.abs(ours - reference).max())
+
+    assert max_error(manifest.context_length) < 1e-3
+    assert max_error(100) > 0.1  # the limitation the cap guards against (update if optimum fixes it)
 
 
 @pytest.mark.parametrize("quantize", ["int4", "int8"])

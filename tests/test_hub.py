@@ -19,6 +19,7 @@ from fastllm.manifest import MANIFEST_NAME, read_manifest
 
 REPO = "tiny-org/tiny-llama"
 GATED = "tiny-org/gated-llama"
+LEGACY = "tiny-org/legacy-llama"
 TOKEN = "hf_fake_token_for_tests"
 
 
@@ -36,7 +37,10 @@ class Hub:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     files = folder_files(tiny_models.build("llama"))
-    files["flax_model.msgpack"] = b"\0" * 1000  # another framework's weights: must not be downloaded
+    # Not needed for an export, so never downloaded: other frameworks' weights, duplicates, docs.
+    files["flax_model.msgpack"] = b"\0" * 1000
+    files["consolidated.safetensors"] = b"\0" * 1000
+    files["original/params.json"] = b"{}"
     files["README.md"] = b"# tiny llama\n"
     with FakeHub() as server:
         state = Hub(server, tmp_path_factory.mktemp("hub"))
@@ -46,7 +50,23 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
                   .encode()}
         state.main = server.add_commit(REPO, broken, refs=("main",))
         server.add_commit(GATED, files, token=TOKEN)
+        server.add_commit(LEGACY, _pickled_checkpoint(state.home / "legacy"))
         yield state
+
+
+def _pickled_checkpoint(folder: Path) -> dict[str, bytes]:
+    """The tiny Llama as an old repo has it: pytorch_model.bin, no safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = tiny_models.build("llama")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=False)
+    files = folder_files(folder)
+    assert "pytorch_model.bin" in files and not any(name.endswith(".safetensors") for name in files)
+    files.update({name: data for name, data in folder_files(source).items() if not name.endswith(".safetensors")})
+    files["training_args.bin"] = b"\0" * 100
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +86,8 @@ def test_export_by_id_and_revision(hub: Hub, v1_export: Path) -> None:
     assert manifest.model_type == "llama"
     fetched = hub.server.downloaded(REPO)
     assert "model.safetensors" in fetched and "config.json" in fetched and "tokenizer.json" in fetched
-    assert "flax_model.msgpack" not in fetched and "README.md" not in fetched
+    for unwanted in ("flax_model.msgpack", "consolidated.safetensors", "original/params.json", "README.md"):
+        assert unwanted not in fetched
     api_calls = [r.path for r in hub.server.requests if r.path.startswith(f"/api/models/{REPO}")]
     assert f"/api/models/{REPO}/revision/v1.0" in api_calls
     assert all(r.authorization is None for r in hub.server.requests)  # no token configured, none sent
@@ -111,6 +132,14 @@ def test_gated_with_token(hub: Hub, tmp_path: Path) -> None:
     assert (manifest.source, manifest.revision) == (GATED, None)
     assert manifest.commit == hub.server.repos[GATED].refs["main"]
     assert {r.authorization for r in hub.server.requests} == {f"Bearer {TOKEN}"}
+
+
+def test_repo_with_pytorch_bin_weights_only(hub: Hub, tmp_path: Path) -> None:
+    result = run_fastllm("export", LEGACY, "--output", tmp_path / "out", "--no-validate", env=hub.env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    fetched = hub.server.downloaded(LEGACY)
+    assert "pytorch_model.bin" in fetched and "training_args.bin" not in fetched
+    assert read_manifest(tmp_path / "out").model_type == "llama"
 
 
 def test_offline_with_empty_cache(hub: Hub, tmp_path: Path) -> None:

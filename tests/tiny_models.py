@@ -131,6 +131,16 @@ def _phi3(tokenizer: Any) -> Any:
     return Phi3Config(**_common(tokenizer), original_max_position_embeddings=256)
 
 
+def _phi3_longrope(tokenizer: Any) -> Any:
+    from transformers import Phi3Config
+
+    # Phi-3-128k / Phi-3.5 style: rotary factors switch once a sequence exceeds 64 positions.
+    head_dim = 16
+    return Phi3Config(**_common(tokenizer), original_max_position_embeddings=64, rope_scaling={
+        "type": "longrope", "short_factor": [1.0] * (head_dim // 2), "long_factor": [4.0] * (head_dim // 2),
+    })
+
+
 def _gemma(tokenizer: Any) -> Any:
     from transformers import GemmaConfig
 
@@ -145,6 +155,7 @@ CAUSAL: dict[str, tuple[Callable[[Any], Any], bool, str, str]] = {
     "mistral": (_mistral, False, "mistral", "MistralForCausalLM"),
     "qwen2": (_qwen2, False, "qwen2", "Qwen2ForCausalLM"),
     "phi3": (_phi3, False, "phi3", "Phi3ForCausalLM"),
+    "phi3-longrope": (_phi3_longrope, False, "phi3", "Phi3ForCausalLM"),
     "gemma": (_gemma, True, "gemma", "GemmaForCausalLM"),
 }
 

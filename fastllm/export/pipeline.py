@@ -19,8 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fastllm.errors import ExportError, OutputExistsError
-from fastllm.export import sources
+from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
+from fastllm.export import fused, sources
 from fastllm.manifest import Manifest, sha256_file, write_manifest
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ class ExportOptions:
     trust_remote_code: bool = False
     force: bool = False
     validate: bool = True
+    graph: str = "optimum"  # optimum | fused (ONNX Runtime GenAI's builder, see export/fused.py)
 
 
 def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
@@ -58,6 +59,11 @@ def export(options: ExportOptions) -> Path:
     output = options.output or default_output(options, checkpoint)
     if output.exists() and not options.force:
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
+    if options.graph == "fused" and not fused.supported(checkpoint.model_type, options.dtype, options.quantize):
+        raise ExportError(
+            f"--graph fused covers {', '.join(sorted(fused.FUSED_ARCHITECTURES))} at fp32, fp16 or int4; "
+            f"not {checkpoint.model_type} with dtype={options.dtype} quantize={options.quantize}"
+        )
 
     log.info("[2/5] loading %s (%s, %s)", checkpoint.name, checkpoint.model_type, checkpoint.task)
     model, tokenizer = sources.load(checkpoint, trust_remote_code=options.trust_remote_code)
@@ -66,13 +72,20 @@ def export(options: ExportOptions) -> Path:
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        log.info("[3/5] exporting to ONNX")
-        _to_onnx(model, checkpoint, staging)
+        log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
+        if options.graph == "fused":
+            fused.build(model, tokenizer, staging, dtype=options.dtype, quantization=options.quantize)
+        else:
+            _to_onnx(model, checkpoint, staging)
         tokenizer.save_pretrained(staging)
         _drop_redundant_tokenizer_files(staging)
         manifest = _manifest(options, checkpoint, model, tokenizer)
         manifest.has_position_ids = "position_ids" in _graph_inputs(staging / manifest.onnx_file)
-        if options.quantize != "none" or options.dtype != "fp32":
+        manifest.graph = "fused" if options.graph == "fused" else "optimum"
+        if options.graph == "fused":
+            log.info("[4/5] the builder wrote the graph at dtype=%s quantize=%s; no rewrite", options.dtype,
+                     options.quantize)
+        elif options.quantize != "none" or options.dtype != "fp32":
             log.info("[4/5] rewriting graph: dtype=%s quantize=%s", options.dtype, options.quantize)
             from fastllm.export.quantize import rewrite
 
@@ -113,7 +126,11 @@ def _check_dtype(options: ExportOptions) -> None:
 
 
 def _to_onnx(model: Any, checkpoint: sources.Checkpoint, staging: Path) -> None:
-    from optimum.exporters.onnx import onnx_export_from_model
+    try:
+        from optimum.exporters.onnx import onnx_export_from_model
+    except ImportError as exc:  # optimum without the optimum-onnx distribution that provides this
+        raise MissingExtraError("export", "optimum-onnx" if exc.name and "optimum" in exc.name else
+                                (exc.name or "optimum-onnx")) from None
 
     task = "text-generation-with-past" if checkpoint.task == "text-generation" else "feature-extraction"
     try:
@@ -242,6 +259,15 @@ def _context_length(config: Any, tokenizer: Any) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < length:
         length = limit
+    rope = getattr(config, "rope_scaling", None) or {}
+    original = getattr(config, "original_max_position_embeddings", None)
+    if rope.get("rope_type", rope.get("type")) in ("longrope", "su") and original and original < length:
+        # LongRoPE (Phi-3-128k, Phi-3.5) switches rotary factors once a sequence outgrows the original
+        # window: Python control flow that tracing freezes on the short branch, so beyond that window
+        # the graph would silently diverge from the model. Serve only the window it reproduces.
+        log.warning("LongRoPE model: context limited to the original %d positions (config says %d); the "
+                    "traced graph only reproduces the short-context rotary factors", original, length)
+        length = original
     return int(length)
 
 

@@ -32,6 +32,10 @@ CHECKPOINT_PATTERNS = [
     "1_Pooling/*",
     "2_Normalize/*",
 ]
+# Duplicates of the transformers weights some repos carry: Mistral's consolidated.safetensors (the
+# whole model again, for mistral-inference), Llama's original/ folder, exported ONNX/OpenVINO copies.
+CHECKPOINT_IGNORE = ["consolidated*", "original/*", "onnx/*", "openvino/*"]
+LEGACY_WEIGHT_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 _QUANT_SUFFIX = re.compile(r"[.-](q\d\w*|f16|f32|bf16|fp16|fp32)$", re.IGNORECASE)
 
 
@@ -75,7 +79,11 @@ def resolve(source: str, *, revision: str | None, token: str | None, task: str) 
             source=str(path.resolve()), name=path.resolve().name, folder=path, config=_read_config(path)
         )
     elif hub.looks_like_repo_id(source):
-        folder = hub.download(source, revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS)
+        folder = hub.download(source, revision=revision, token=token, allow_patterns=CHECKPOINT_PATTERNS,
+                              ignore_patterns=CHECKPOINT_IGNORE)
+        if not any(folder.glob("*.safetensors")):
+            # Older repos only have PyTorch pickles; fetched only then, as they duplicate safetensors.
+            folder = hub.download(source, revision=revision, token=token, allow_patterns=LEGACY_WEIGHT_PATTERNS)
         checkpoint = Checkpoint(
             source=source, name=source, folder=folder, revision=revision, config=_read_config(folder),
             commit=folder.name,

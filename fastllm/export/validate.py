@@ -37,7 +37,7 @@ def greedy_onnx(decoder: Decoder, prompt: list[int], new_tokens: int, eos: set[i
     """Greedy decoding through the same Decoder and cache code the server runs."""
     ids = np.asarray([prompt], dtype=np.int64)
     out = decoder.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :], decoder.empty_past(1))
-    cache = BatchCache()
+    cache = BatchCache(right_padded=decoder.right_padded)
     cache.join(out.present, 1)
     tokens: list[int] = []
     position = ids.shape[1]
@@ -48,7 +48,7 @@ def greedy_onnx(decoder: Decoder, prompt: list[int], new_tokens: int, eos: set[i
             break
         mask = cache.next_mask()
         out = decoder.forward(np.asarray([[token]]), mask, np.asarray([[position]]), cache.past)
-        cache.step(out.present, mask)
+        cache.step(out.present)
         position += 1
     return tokens
 
@@ -126,7 +126,9 @@ def validate_embedding(folder: Path, manifest: Manifest, reference_folder: Path,
 
     from fastllm.runtime.embedding import EmbeddingEngine
 
-    reference = SentenceTransformer(str(reference_folder), device="cpu").encode(EMBEDDING_TEXTS)
+    reference = SentenceTransformer(str(reference_folder), device="cpu").encode(
+        EMBEDDING_TEXTS, show_progress_bar=False
+    )
     engine = EmbeddingEngine(folder, manifest, providers=["CPUExecutionProvider"])
     try:
         ids = [tokenizer(t, truncation=True, max_length=manifest.context_length)["input_ids"]

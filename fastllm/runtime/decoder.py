@@ -48,6 +48,7 @@ class Decoder:
         self.num_kv_heads = manifest.num_kv_heads or int(first.shape[1])
         self.head_dim = manifest.head_dim or int(first.shape[3])
         self.vocab_size = manifest.vocab_size
+        self.right_padded = manifest.graph == "fused"
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)

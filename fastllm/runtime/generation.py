@@ -98,7 +98,7 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._waiting: deque[_Pending] = deque()
         self._running: list[_Sequence] = []
-        self._cache = BatchCache()
+        self._cache = BatchCache(right_padded=decoder.right_padded)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -154,7 +154,7 @@ class GenerationEngine:
                 for pending in {id(s.request): s.request for s in self._running}.values():
                     pending.send(error)
                 self._running = []
-                self._cache = BatchCache()
+                self._cache = BatchCache(right_padded=self.decoder.right_padded)
                 del exc
 
     def _iteration(self) -> None:
@@ -226,7 +226,7 @@ class GenerationEngine:
         positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
         mask = self._cache.next_mask()
         out = self.decoder.forward(tokens, mask, positions, self._cache.past)
-        self._cache.step(out.present, mask)
+        self._cache.step(out.present)
         self.stats.steps += 1
         self.stats.last_batch_size = len(self._running)
         by_request: dict[int, tuple[_Pending, list[Delta]]] = {}

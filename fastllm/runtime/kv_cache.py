@@ -1,6 +1,13 @@
-"""The batch's KV cache: one array per layer and key/value, rows = sequences, left-padded.
+"""The batch's KV cache: one array per layer and key/value, rows = sequences of different lengths.
 
-Rows of different lengths share one tensor by left padding; the attention mask hides the padding.
+Rows share one tensor by padding, and the attention mask tells the graph which columns are real.
+Which side is padded depends on the graph:
+
+- optimum's graphs take ``position_ids`` and a full mask, so rows are **left**-padded: every row's
+  newest token sits in the last column and the graph's own concat appends the next one there.
+- fused graphs (``GroupQueryAttention``) read each row's length from the mask's sum and write the new
+  key/value at that offset, so rows are **right**-padded: real tokens first, padding after.
+
 Rows join (after their prefill) and leave (when finished) between decode steps; each costs one copy
 of the cache, while a decode step itself costs none on our side (the graph returns the grown cache).
 """
@@ -11,62 +18,63 @@ import numpy as np
 
 
 class BatchCache:
-    def __init__(self) -> None:
+    def __init__(self, *, right_padded: bool = False) -> None:
+        self.right_padded = right_padded
         self.past: list[np.ndarray] = []
-        self.mask = np.zeros((0, 0), dtype=np.int64)
+        self.lengths = np.zeros(0, dtype=np.int64)  # real tokens per row
 
     @property
     def rows(self) -> int:
-        return self.mask.shape[0]
+        return int(self.lengths.shape[0])
 
     @property
-    def length(self) -> int:
-        return self.mask.shape[1]
+    def width(self) -> int:
+        return int(self.past[0].shape[2]) if self.past else 0
 
     def join(self, present: list[np.ndarray], copies: int) -> None:
         """Append ``copies`` rows holding one prefilled sequence (``present`` has batch 1)."""
         new_len = present[0].shape[2]
-        new_mask = np.ones((copies, new_len), dtype=np.int64)
         new_past = [np.repeat(p, copies, axis=0) if copies > 1 else p for p in present]
+        new_lengths = np.full(copies, new_len, dtype=np.int64)
         if self.rows == 0:
-            self.past, self.mask = new_past, new_mask
+            self.past, self.lengths = new_past, new_lengths
             return
-        width = max(self.length, new_len)
+        width = max(self.width, new_len)
         self.past = [
-            np.concatenate([_left_pad(old, width), _left_pad(new, width)], axis=0)
+            np.concatenate([self._pad(old, width), self._pad(new, width)], axis=0)
             for old, new in zip(self.past, new_past, strict=True)
         ]
-        self.mask = np.concatenate([_left_pad_mask(self.mask, width), _left_pad_mask(new_mask, width)])
+        self.lengths = np.concatenate([self.lengths, new_lengths])
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in ``rows``, then the columns that are padding in every remaining row."""
         if len(rows) == self.rows:
             return
         if not rows:
-            self.past, self.mask = [], np.zeros((0, 0), dtype=np.int64)
+            self.past, self.lengths = [], np.zeros(0, dtype=np.int64)
             return
         index = np.asarray(rows)
-        mask = self.mask[index]
-        start = int(np.argmax(mask.any(axis=0)))
-        self.mask = np.ascontiguousarray(mask[:, start:])
-        self.past = [np.ascontiguousarray(p[index, :, start:, :]) for p in self.past]
-
-    def step(self, present: list[np.ndarray], mask: np.ndarray) -> None:
-        """Adopt the graph's output after a decode step run with ``mask`` (from ``next_mask``)."""
-        self.past, self.mask = present, mask
+        self.lengths = self.lengths[index]
+        width = int(self.lengths.max())
+        cut = slice(0, width) if self.right_padded else slice(self.width - width, self.width)
+        self.past = [np.ascontiguousarray(p[index, :, cut, :]) for p in self.past]
 
     def next_mask(self) -> np.ndarray:
-        """The attention mask for a decode step: the cache plus the token being fed."""
-        return np.concatenate([self.mask, np.ones((self.rows, 1), dtype=np.int64)], axis=1)
+        """The attention mask for a decode step: each row's cache plus the token being fed."""
+        width = self.width + 1
+        columns = np.arange(width)
+        if self.right_padded:
+            return (columns[None, :] < (self.lengths + 1)[:, None]).astype(np.int64)
+        return (columns[None, :] >= (width - self.lengths - 1)[:, None]).astype(np.int64)
 
+    def step(self, present: list[np.ndarray]) -> None:
+        """Adopt the graph's output after a decode step (every row grew by one real token)."""
+        self.past = present
+        self.lengths = self.lengths + 1
 
-def _left_pad(array: np.ndarray, width: int) -> np.ndarray:
-    missing = width - array.shape[2]
-    if missing == 0:
-        return array
-    return np.pad(array, ((0, 0), (0, 0), (missing, 0), (0, 0)))
-
-
-def _left_pad_mask(mask: np.ndarray, width: int) -> np.ndarray:
-    missing = width - mask.shape[1]
-    return mask if missing == 0 else np.pad(mask, ((0, 0), (missing, 0)))
+    def _pad(self, array: np.ndarray, width: int) -> np.ndarray:
+        missing = width - array.shape[2]
+        if missing == 0:
+            return array
+        side = (0, missing) if self.right_padded else (missing, 0)
+        return np.pad(array, ((0, 0), (0, 0), side, (0, 0)))

@@ -12,16 +12,44 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
-Probability = Annotated[float, Meta(ge=0.0, le=1.0)]
+# Litestar's OpenAPI generator drops bounds of 0 (it tests them for truth) and every constraint inside a union.
+# `_documented` restates them for /docs/openapi.json (msgspec still does the checking), so clients and the
+# schema fuzzing in tests/test_reliability_fuzz.py see what the server really accepts.
+
+
+def _documented(**schema: object) -> Meta:
+    return Meta(extra_json_schema={"extra": schema})
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_ID = {"type": "integer", "minimum": 0}
+_STOP = {"type": "string", "maxLength": 256}
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0), _documented(minimum=0.0)]
+Probability = Annotated[float, Meta(ge=0.0, le=1.0), _documented(minimum=0.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
-StopList = Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=16)]
+TopLogprobs = Annotated[int, Meta(ge=0, le=20), _documented(minimum=0)]
 # Token ids are non-negative; the model's vocabulary bound is checked once the model is known.
 TokenId = Annotated[int, Meta(ge=0)]
+Text = Annotated[str, Meta(min_length=1)]
 # A string, or a list of strings, token ids or token-id lists. msgspec allows one array type per union, so the
 # list's items are a union and `fastllm.server.requests` rejects lists that mix kinds.
-PromptInput = str | Annotated[list[str | TokenId | Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)]
+PromptInput = Annotated[
+    Text | Annotated[list[Text | TokenId | Annotated[list[TokenId], Meta(min_length=1)]], Meta(min_length=1)],
+    _documented(one_of=[_TEXT, {"type": "array", "minItems": 1, "items": {"oneOf": [
+        _TEXT, _TOKEN_ID, {"type": "array", "minItems": 1, "items": _TOKEN_ID}]}}]),
+]
+Stop = Annotated[
+    Annotated[str, Meta(max_length=256)] | Annotated[list[Annotated[str, Meta(max_length=256)]], Meta(max_length=16)]
+    | None,
+    _documented(one_of=[_STOP, {"type": "array", "maxItems": 16, "items": _STOP}, {"type": "null"}]),
+]
+LogitBias = Annotated[
+    dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None,
+    _documented(one_of=[{"type": "object", "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+                        {"type": "null"}]),
+]
 
 
 class TextPart(msgspec.Struct, kw_only=True):
@@ -30,7 +58,7 @@ class TextPart(msgspec.Struct, kw_only=True):
 
 
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -43,17 +71,17 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     model: str
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
-    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0), _documented(exclusive_minimum=0.0)] | None = None
     top_k: Annotated[int, Meta(ge=-1)] | None = None
     min_p: Probability | None = None
     n: PositiveInt = 1
-    stop: Annotated[str, Meta(max_length=256)] | StopList | None = None
+    stop: Stop = None
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     # Logits are divided by it: below 0.01 they overflow float32 and sampling sees NaN probabilities.
     repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100.0, le=100.0)]] | None = None
+    logit_bias: LogitBias = None
     ignore_eos: bool = False
     user: str | None = None
     stream: bool = False
@@ -64,12 +92,12 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: PromptInput
-    logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    logprobs: TopLogprobs | None = None
     echo: bool = False
     suffix: str | None = None
 
