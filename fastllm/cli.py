@@ -142,12 +142,14 @@ def serve(**kwargs: Any) -> None:
 @click.option("--graph", type=click.Choice(["optimum", "fused"]), default="optimum", show_default=True,
               help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2, Phi-3, Gemma), "
                    "several times faster per token on CPUs.")
+@click.option("--name", help="The id clients will send as `model` (default: the hub id, or the file or folder name).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own Python code.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
 @_friendly_errors
 def export(source: str, output: Path | None, models_dir: Path, revision: str | None, task: str, dtype: str,
-           quantize: str, graph: str, trust_remote_code: bool, force: bool, no_validate: bool) -> None:
+           quantize: str, graph: str, name: str | None, trust_remote_code: bool, force: bool,
+           no_validate: bool) -> None:
     """Export SOURCE (a hub id, a local HF folder or a .gguf file) to ONNX with a KV cache.
 
     The result goes to models/<name>/ with tokenizer, configs and a fastllm.json manifest. The hub
@@ -169,7 +171,7 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
     folder = run_export(ExportOptions(
         source=source, output=output, models_dir=models_dir, revision=revision, token=os.environ.get("HF_TOKEN"),
         task=task, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code, force=force,
-        validate=not no_validate, graph=graph,
+        validate=not no_validate, graph=graph, name=name,
     ))
     click.echo(str(folder))
 

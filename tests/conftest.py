@@ -90,7 +90,7 @@ def smollm2_int4(smollm2_gguf: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_export(minilm_dir: Path) -> Path:
-    return cached_export(minilm_dir, "minilm")
+    return cached_export(minilm_dir, "minilm", name="sentence-transformers/all-MiniLM-L6-v2")
 
 
 @pytest.fixture

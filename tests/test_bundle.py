@@ -88,8 +88,8 @@ def test_slim_install_has_no_torch_is_small_and_serves_the_bundle(cpu_bundle: Pa
     # As the Dockerfile does: a venv without pip of its own, filled by an outer pip.
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--disable-pip-version-check",
-                    f"{cpu_bundle / 'fastllm-src'}[serve]"], check=True, timeout=900)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+                    "--disable-pip-version-check", f"{cpu_bundle / 'fastllm-src'}[serve]"], check=True, timeout=900)
     absent = subprocess.run([str(python), "-c", (
         "import importlib.util, sys;"
         "missing = [m for m in ('torch', 'transformers', 'optimum', 'sentence_transformers')"

@@ -97,27 +97,22 @@ def test_missing_export_extra_names_the_install_command(tmp_path: Path, env: dic
 
 
 def test_cli_export_is_quiet_and_shows_progress(tmp_path: Path, env: dict[str, str]) -> None:
-    result = run_fastllm("export", tiny_models.build("qwen2"), "--models-dir", tmp_path / "models", env=env,
-                         cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = tmp_path / "models" / "qwen2"
-    assert result.stdout.strip() == str(output)
-    assert read_manifest(output).model_type == "qwen2"
-    for step in range(1, 6):
-        assert f"[{step}/5]" in result.stderr
-    for noise in ("TracerWarning", "Traceback", "Found different candidate", "skip to quantize",
-                  "attention mask is not set"):
-        assert noise not in result.stderr, noise
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["qwen2"]  # no staging left
-
-
-def test_cli_quantized_export_is_quiet(tmp_path: Path, env: dict[str, str]) -> None:
-    result = run_fastllm("export", tiny_models.build("mistral"), "--quantize", "int4", "--models-dir",
+    """One quantized export through the CLI: progress lines, the quality figures, and no noise."""
+    result = run_fastllm("export", tiny_models.build("qwen2"), "--quantize", "int4", "--models-dir",
                          tmp_path / "models", env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "models" / "mistral-int4" / MANIFEST_NAME).is_file()
+    output = tmp_path / "models" / "qwen2-int4"
+    assert result.stdout.strip() == str(output)
+    manifest = read_manifest(output)
+    assert (manifest.model_type, manifest.quantization) == ("qwen2", "int4")
+    for step in range(1, 6):
+        assert f"[{step}/5]" in result.stderr
     assert "quality vs PyTorch fp32" in result.stderr
+    for noise in ("TracerWarning", "Traceback", "Found different candidate", "skip to quantize",
+                  "start to quantize", "attention mask is not set", "Batches:"):
+        assert noise not in result.stderr, noise
     assert len(result.stderr.splitlines()) < 30, result.stderr
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["qwen2-int4"]  # no staging left
 
 
 # --- fastllm models ---------------------------------------------------------------------------------
@@ -210,3 +205,19 @@ def test_interrupted_cli_export(tmp_path: Path, env: dict[str, str]) -> None:
     assert result.returncode == 130, result.stderr[-2000:]
     assert "interrupted" in result.stderr and "Traceback" not in result.stderr
     assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_staging_of_a_killed_export_is_removed(tmp_path: Path) -> None:
+    """A staging folder whose process is gone (kill -9) is cleaned up by the next export to that output;
+    one whose process still runs is left alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    models = tmp_path / "models"
+    abandoned = models / f".llama.partial-{int(dead.stdout)}"
+    running = models / f".llama.partial-{os.getppid()}"
+    for folder in (abandoned, running):
+        shutil.copytree(tiny_export("llama"), folder)
+    export(ExportOptions(source=str(tiny_models.build("llama")), output=models / "llama", validate=False))
+    assert sorted(p.name for p in models.iterdir()) == sorted(["llama", running.name])

@@ -42,9 +42,12 @@ class ExportOptions:
     force: bool = False
     validate: bool = True
     graph: str = "optimum"  # optimum | fused (ONNX Runtime GenAI's builder, see export/fused.py)
+    name: str | None = None  # the served model id; default: the hub id, or the file/folder name
 
 
 def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
+    if options.name:
+        return options.models_dir / Path(options.name).name
     name = Path(checkpoint.name).name
     suffix = options.quantize if options.quantize != "none" else (options.dtype if options.dtype != "fp32" else "")
     return options.models_dir / (f"{name}-{suffix}" if suffix else name)
@@ -69,6 +72,7 @@ def export(options: ExportOptions) -> Path:
     model, tokenizer = sources.load(checkpoint, trust_remote_code=options.trust_remote_code)
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(output)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -112,6 +116,25 @@ def export(options: ExportOptions) -> Path:
     return output
 
 
+def _remove_abandoned_staging(output: Path) -> None:
+    """Delete staging folders of earlier exports to ``output`` whose process died (SIGKILL, power loss)."""
+    for folder in output.parent.glob(f".{output.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            log.info("removing %s, left by an export that did not finish", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _check_dtype(options: ExportOptions) -> None:
     if options.dtype == "bf16":
         raise ExportError(
@@ -128,9 +151,8 @@ def _check_dtype(options: ExportOptions) -> None:
 def _to_onnx(model: Any, checkpoint: sources.Checkpoint, staging: Path) -> None:
     try:
         from optimum.exporters.onnx import onnx_export_from_model
-    except ImportError as exc:  # optimum without the optimum-onnx distribution that provides this
-        raise MissingExtraError("export", "optimum-onnx" if exc.name and "optimum" in exc.name else
-                                (exc.name or "optimum-onnx")) from None
+    except ImportError:  # optimum without the optimum-onnx distribution that provides this module
+        raise MissingExtraError("export", "optimum-onnx") from None
 
     task = "text-generation-with-past" if checkpoint.task == "text-generation" else "feature-extraction"
     try:
@@ -222,6 +244,7 @@ def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any
     name = checkpoint.name
     if options.quantize != "none" or options.dtype != "fp32":
         name = f"{name}-{options.quantize if options.quantize != 'none' else options.dtype}"
+    name = options.name or name
     return Manifest(
         name=name,
         source=checkpoint.source,

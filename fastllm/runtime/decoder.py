@@ -48,7 +48,9 @@ class Decoder:
         self.num_kv_heads = manifest.num_kv_heads or int(first.shape[1])
         self.head_dim = manifest.head_dim or int(first.shape[3])
         self.vocab_size = manifest.vocab_size
-        self.right_padded = manifest.graph == "fused"
+        # GroupQueryAttention graphs (ours, or a hub repo built by the GenAI builder) take no position_ids
+        # and read each row's length from the mask: their batches are right-padded.
+        self.right_padded = manifest.graph == "fused" or not self.has_position_ids
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)

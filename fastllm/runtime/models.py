@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastllm import hub
 from fastllm.config import ModelConfig, RuntimeConfig
-from fastllm.errors import ModelLoadError
+from fastllm.errors import FastLLMError, ModelLoadError
 from fastllm.manifest import Manifest, is_model_dir, read_manifest
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.embedding import EmbeddingEngine
@@ -17,29 +19,77 @@ from fastllm.tokenization import ChatTemplate, Tokenizer
 
 log = logging.getLogger(__name__)
 
-# Only what serving needs from a pre-exported hub repo.
-_ONNX_PATTERNS = ["*.json", "*.onnx", "*.onnx_data", "*.onnx.data", "*.jinja", "*.txt"]
+# Only what serving needs from a hub repo of ONNX files: configs, tokenizer and the fp32 graph, not every
+# quantized variant that repos such as onnx-community's carry beside it.
+_ONNX_PATTERNS = ["*.json", "*.jinja", "*.txt", "model.onnx*", "onnx/model.onnx*", "1_Pooling/*"]
 
 
-def resolve_model_dir(model_id: str, models_dir: Path, *, revision: str | None = None) -> Path:
-    """``models/<id>``, ``models/<basename>``, a path, or a hub repo already holding a FastLLM export."""
+def resolve_model(model_id: str, models_dir: Path, *, revision: str | None = None) -> tuple[Path, Manifest]:
+    """``models/<id>``, ``models/<basename>``, a path, or a hub repo of ONNX files; with its manifest."""
     for candidate in (models_dir / model_id, models_dir / Path(model_id).name, Path(model_id).expanduser()):
         if is_model_dir(candidate):
-            return candidate
+            return candidate, read_manifest(candidate)
     if hub.looks_like_repo_id(model_id):
         try:
             folder = hub.download(model_id, revision=revision, allow_patterns=_ONNX_PATTERNS)
-        except Exception as exc:
+        except FastLLMError as exc:
             raise ModelLoadError(
-                f"model {model_id!r} is not in {models_dir}/ and could not be fetched from the hub ({exc}). "
+                f"model {model_id!r} is not in {models_dir}/ and could not be fetched from the hub: {exc.message}. "
                 f"Export it first: fastllm export {model_id}"
             ) from None
         if is_model_dir(folder):
-            return folder
+            return folder, read_manifest(folder)
+        manifest = infer_manifest(folder, model_id, revision)
+        if manifest is not None:
+            return folder, manifest
+        raise ModelLoadError(f"hub repo {model_id!r} holds no ONNX decoder or encoder; run: fastllm export {model_id}")
     raise ModelLoadError(
         f"model {model_id!r} was not found in {models_dir}/ nor as a path. Export it first: "
         f"fastllm export {model_id}"
     )
+
+
+def infer_manifest(folder: Path, model_id: str, revision: str | None) -> Manifest | None:
+    """A manifest for an ONNX repo that `fastllm export` did not write (onnx-community's layout, or
+    optimum-cli's), from its transformers config files alone."""
+    onnx_file = next((f for f in ("onnx/model.onnx", "model.onnx") if (folder / f).is_file()), None)
+    config = _json(folder / "config.json")
+    if onnx_file is None or not config:
+        return None
+    generation = _json(folder / "generation_config.json")
+    heads = int(config.get("num_attention_heads", 0))
+    generative = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
+    modules = json.dumps(_json(folder / "modules.json") or [])
+    return Manifest(
+        name=model_id, source=model_id, revision=revision,
+        task="text-generation" if generative else "embedding",
+        architecture=(config.get("architectures") or ["unknown"])[0], model_type=config.get("model_type", "unknown"),
+        onnx_file=onnx_file,
+        num_layers=int(config.get("num_hidden_layers", 0)),
+        num_kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)),
+        vocab_size=int(config.get("vocab_size", 0)),
+        context_length=int(config.get("max_position_embeddings") or 2048),
+        eos_token_ids=_ids(generation.get("eos_token_id", config.get("eos_token_id"))),
+        bos_token_id=generation.get("bos_token_id", config.get("bos_token_id")),
+        pad_token_id=generation.get("pad_token_id", config.get("pad_token_id")),
+        pooling=None if generative else "mean",
+        normalize=not generative and "Normalize" in modules,
+        embedding_dim=None if generative else config.get("hidden_size"),
+    )
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
 @dataclass
@@ -65,13 +115,12 @@ class ServedModel:
 
 
 def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) -> ServedModel:
-    folder = resolve_model_dir(config.model_id, models_dir, revision=config.revision)
-    manifest = read_manifest(folder)
+    folder, manifest = resolve_model(config.model_id, models_dir, revision=config.revision)
     tokenizer = Tokenizer(folder, max_length=manifest.context_length)
     served_id = config.served_model_name or manifest.name
     options = {"providers": runtime.providers, "provider_options": runtime.provider_options,
                "threads": runtime.threads}
-    created = int(folder.joinpath("fastllm.json").stat().st_mtime)
+    created = int((folder / manifest.onnx_file).stat().st_mtime) if (folder / manifest.onnx_file).exists() else 0
     if manifest.is_generative:
         decoder = Decoder(folder, manifest, **options)
         engine = GenerationEngine(
