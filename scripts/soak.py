@@ -323,8 +323,9 @@ class Soak:
 
     async def _disconnect(self, rng: random.Random) -> None:
         """A stream that would run long, abandoned after a few chunks."""
-        body = self.chat_body(rng.choice(CHAT_PROMPTS), stream=True, ignore_eos=True,
-                              max_tokens=max(32, 4 * self.config.max_tokens), temperature=0.8, seed=rng.randrange(1000))
+        # Long enough that a slot the server failed to free would still be busy when the run settles.
+        body = self.chat_body(rng.choice(CHAT_PROMPTS), stream=True, ignore_eos=True, max_tokens=2000,
+                              temperature=0.8, seed=rng.randrange(1000))
         wanted = rng.randint(1, 3)
         async with self.client.stream("POST", CHAT_ROUTE, json=body) as response:
             self.seen(CHAT_ROUTE, response.status_code)
@@ -466,9 +467,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("FASTLLM_SOAK_URL", "http://127.0.0.1:3000"),
                         help="Server to soak (default %(default)s).")
-    parser.add_argument("--requests", type=int, default=500, help="Requests in the measured round.")
-    parser.add_argument("--concurrency", type=int, default=16, help="Requests in flight at once.")
-    parser.add_argument("--max-tokens", type=int, default=8, help="max_tokens of the checked chat requests.")
+    parser.add_argument("--requests", type=int, default=500,
+                        help="Requests in the measured round (default %(default)s).")
+    parser.add_argument("--concurrency", type=int, default=16,
+                        help="Requests in flight at once (default %(default)s).")
+    parser.add_argument("--max-tokens", type=int, default=8,
+                        help="max_tokens of the checked chat requests (default %(default)s).")
     parser.add_argument("--chat-model", help="Chat model id (default: the first text-generation model served).")
     parser.add_argument("--embed-model", help="Embedding model id (default: the first embedding model served).")
     parser.add_argument("--pid", type=int, help="Server PID for resident memory (default: found from the port).")

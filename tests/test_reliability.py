@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -106,8 +107,14 @@ PREFILL_FAULT, DECODE_FAULT = 9001, 9002  # seeds that mark the requests whose s
 FAULT_AFTER = 3  # tokens the decode-fault request produces before its sampler raises
 
 
+class FaultyApp(NamedTuple):
+    client: TestClient
+    model: ServedModel
+    faults: list[int]  # the batch size at each injected fault
+
+
 @pytest.fixture
-def app_client(smollm2_fp32: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[TestClient, ServedModel]]:
+def faulty_app(smollm2_fp32: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultyApp]:
     """The real engine in a real app, in-process, with a sampler that raises for marked requests.
 
     Litestar's TestClient runs the app on one event loop in a portal thread; requests sent from several
@@ -128,8 +135,7 @@ def app_client(smollm2_fp32: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     model = load_model(ModelConfig(model_id=str(smollm2_fp32)), RuntimeConfig(max_batch_size=8), Path("models"))
     app = create_app(Settings(), ModelRegistry([model]))
     with TestClient(app, timeout=120) as client:
-        client.faults = faults  # type: ignore[attr-defined]
-        yield client, model
+        yield FaultyApp(client, model, faults)
     # the app's lifespan closed the model
 
 
@@ -141,9 +147,8 @@ def _stream_events(text: str) -> list[str]:
     return [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
 
 
-def test_a_request_failing_in_the_engine_gets_a_500_while_its_batch_finishes(
-        app_client: tuple[TestClient, ServedModel]) -> None:
-    client, model = app_client
+def test_a_request_failing_in_the_engine_gets_a_500_while_its_batch_finishes(faulty_app: FaultyApp) -> None:
+    client, model, faults = faulty_app
     engine = model.generator
     assert engine is not None
     questions = ["What is 2+2?", "Name a planet.", "Say hi in French.", "What is ice?"]
@@ -179,7 +184,6 @@ def test_a_request_failing_in_the_engine_gets_a_500_while_its_batch_finishes(
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["error"]["code"] == "engine_error"
     assert not any(c["choices"][0].get("finish_reason") for c in chunks[:-1] if c["choices"])
-    faults = client.faults  # type: ignore[attr-defined]
     assert len(faults) == 3
     # Every fault struck while the neighbours were decoding in the same batch.
     assert all(size >= len(neighbours) for size in faults), faults
@@ -338,7 +342,8 @@ def test_tiny_temperature_is_greedy(http: httpx.Client) -> None:
 @pytest.mark.parametrize("body", [b"[]", b'"x"', b"null", b"42", b"true", b"", b"{}"])
 def test_a_body_that_is_not_a_request_object_is_400(http: httpx.Client, body: bytes) -> None:
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
-        assert_openai_error(_raw(http, path, body), 400)
+        error = assert_openai_error(_raw(http, path, body), 400)
+        assert error["param"] is None and "body" in error["message"], error  # not Litestar's internal "data"
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded",

@@ -109,14 +109,19 @@ def _metrics_middleware(metrics: Metrics) -> Any:
     return factory
 
 
-def _require_json(request: Request[Any, Any, Any]) -> None:
-    """A body declared as anything but JSON is refused (415) before it is parsed; no declaration is fine."""
+async def _require_json(request: Request[Any, Any, Any]) -> None:
+    """Before a POST body is parsed: one declared as anything but JSON is a 415 (undeclared is read as JSON),
+    an empty one a 400 that says so."""
+    if request.method != "POST":
+        return
     declared = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    if request.method == "POST" and declared and declared != "application/json" and not declared.endswith("+json"):
+    if declared and declared != "application/json" and not declared.endswith("+json"):
         raise HTTPException(
             status_code=415,
             detail=f"the body must be JSON, sent with Content-Type: application/json (it was declared {declared!r})",
         )
+    if not await request.body():  # read once, kept for the parser; the size limit applies here too
+        raise HTTPException(status_code=400, detail="the request body is empty; send a JSON object")
 
 
 _KNOWN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
@@ -129,7 +134,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Lit
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        models = registry or load_registry(settings)
+        models = registry if registry is not None else load_registry(settings)  # an empty one is falsy
         for model in models:
             if model.generator is not None:
                 metrics.watch_engine(model.id, lambda g=model.generator: g.stats)

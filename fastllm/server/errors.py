@@ -68,6 +68,8 @@ def _validation_detail(exc: ValidationException) -> tuple[str | None, str]:
         first = extra[0]
         key = first.get("key")
         message = str(first.get("message") or exc.detail)
+        if key == "data":  # Litestar's name for the whole body, not a parameter a client knows
+            return None, f"invalid request body: {message}"
         param = key if isinstance(key, str) and key else None
         # msgspec reports the path as `$.field[0]`; OpenAI names the parameter plainly.
         if "$." in message:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, OpenAPIType, Operation, Schema
 
@@ -39,18 +40,46 @@ def responses(success: Any, description: str, *errors: int) -> dict[int, Respons
     return specs
 
 
-_SSE = OpenAPIMediaType(schema=Schema(
-    type=OpenAPIType.STRING,
-    description="Server-Sent Events when `stream` is true: `data: {chunk}` per step (an `error` object if the "
-                "model fails mid-stream), then `data: [DONE]`.",
-))
+def _inlined(struct: type) -> dict[str, Any]:
+    """msgspec's JSON Schema of ``struct`` with each ``$ref`` replaced by its definition (none is recursive)."""
+    root = msgspec.json.schema(struct)
+    definitions = root.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(root)
 
 
-@dataclass
-class StreamingOperation(Operation):
-    """An operation whose 200 is JSON, or Server-Sent Events when the request sets ``stream``."""
+def _events(chunk: type) -> OpenAPIMediaType:
+    """One Server-Sent Event: ``data`` holds a JSON ``chunk``, an error object, or the final ``[DONE]``."""
+    payload = Schema(any_of=[_inlined(chunk), _inlined(ErrorResponse)])  # type: ignore[list-item]
+    data = Schema(any_of=[
+        Schema(const="[DONE]"),
+        Schema(type=OpenAPIType.STRING, content_media_type="application/json", content_schema=payload),
+    ])
+    return OpenAPIMediaType(schema=Schema(
+        type=OpenAPIType.OBJECT, required=["data"], properties={"data": data},
+        description=f"Server-Sent Events when `stream` is true: one `{chunk.__name__}` per step (an `error` object "
+                    "instead if the model fails mid-stream), then `[DONE]`.",
+    ))
 
-    def __post_init__(self) -> None:
-        ok = (self.responses or {}).get("200")
-        if isinstance(ok, OpenAPIResponse) and ok.content is not None:
-            ok.content["text/event-stream"] = _SSE
+
+def streaming(chunk: type) -> type[Operation]:
+    """An operation whose 200 is JSON, or Server-Sent Events of ``chunk`` when the request sets ``stream``."""
+    events = _events(chunk)
+
+    @dataclass
+    class StreamingOperation(Operation):
+        def __post_init__(self) -> None:
+            ok = (self.responses or {}).get("200")
+            if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+                ok.content["text/event-stream"] = events
+
+    return StreamingOperation

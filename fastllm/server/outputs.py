@@ -4,6 +4,7 @@ and gather per-choice text, token counts and logprobs."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -14,6 +15,8 @@ from fastllm.runtime.generation import Delta, GenerationRequest
 from fastllm.runtime.models import ServedModel
 from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server.metrics import Metrics
+
+log = logging.getLogger("fastllm.requests")
 
 
 class RequestTimeoutError(RequestError):
@@ -35,14 +38,18 @@ class ChoiceState:
 
 
 async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, timeout: float,
-              ) -> AsyncIterator[list[Delta]]:
-    """The engine's deltas, with a deadline; records time to first token and inter-token latency."""
+              request_id: str = "-") -> AsyncIterator[list[Delta]]:
+    """The engine's deltas, with a deadline; records time to first token and inter-token latency, and
+    logs one line per request with the model, provider, token counts and timings."""
     if model.generator is None:  # pragma: no cover - the registry checks the model kind first
         raise RuntimeError("not a generation model")
     metrics.prompt_tokens.labels(model.id).inc(len(request.prompt_ids) * request.n)
     deadline = time.monotonic() + timeout
     started = last = time.perf_counter()
     first = True
+    ttft = 0.0
+    generated = 0
+    outcome = "error"
     stream = model.generator.generate(request)
     try:
         while True:
@@ -53,20 +60,30 @@ async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, 
                 async with asyncio.timeout(remaining):
                     deltas = await anext(stream)
             except StopAsyncIteration:
+                outcome = "ok"
                 return
             except TimeoutError:
                 raise RequestTimeoutError(f"the request took longer than {timeout:.0f}s and was cancelled") from None
             now = time.perf_counter()
             if first:
-                metrics.time_to_first_token.labels(model.id).observe(now - started)
+                ttft = now - started
+                metrics.time_to_first_token.labels(model.id).observe(ttft)
                 first = False
             else:
                 metrics.inter_token_latency.labels(model.id).observe(now - last)
             last = now
-            metrics.generation_tokens.labels(model.id).inc(sum(len(d.token_ids) for d in deltas))
+            step_tokens = sum(len(d.token_ids) for d in deltas)
+            generated += step_tokens
+            metrics.generation_tokens.labels(model.id).inc(step_tokens)
             yield deltas
+    except GeneratorExit:
+        outcome = "cancelled"
+        raise
     finally:
         await stream.aclose()
+        log.info("request %s model=%s provider=%s prompt_tokens=%d completion_tokens=%d n=%d ttft_ms=%.0f "
+                 "total_ms=%.0f outcome=%s", request_id, model.id, model.provider, len(request.prompt_ids),
+                 generated, request.n, ttft * 1000, (time.perf_counter() - started) * 1000, outcome)
 
 
 def accumulate(states: list[ChoiceState], deltas: list[Delta]) -> None:

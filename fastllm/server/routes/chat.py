@@ -17,7 +17,7 @@ from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server import requests
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
-from fastllm.server.openapi import MODEL_ERRORS, StreamingOperation, responses
+from fastllm.server.openapi import MODEL_ERRORS, responses, streaming
 from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import (
@@ -54,15 +54,15 @@ class ChatController(Controller):
     path = "/v1/chat/completions"
     tags = ["chat"]
 
-    @post(status_code=200, summary="Create a chat completion", operation_class=StreamingOperation,
+    @post(status_code=200, summary="Create a chat completion", operation_class=streaming(ChatCompletionChunk),
           responses=responses(ChatCompletion, "The completion; Server-Sent Events of chunks when `stream` is true",
                               408, *MODEL_ERRORS))
     async def create(self, data: ChatCompletionRequest, registry: ModelRegistry, settings: Settings,
                      metrics: Metrics) -> Response[bytes] | ServerSentEvent:
         model = registry.generator(data.model)
         request = requests.chat_request(model, data, settings.runtime.max_n)
-        deltas = run(model, request, metrics, settings.server.request_timeout)
         completion_id, created = request_id("chatcmpl"), int(time.time())
+        deltas = run(model, request, metrics, settings.server.request_timeout, completion_id)
         if data.stream:
             first = await anext(deltas)  # errors before the first token still get a proper status
             include_usage = bool(data.stream_options and data.stream_options.include_usage)

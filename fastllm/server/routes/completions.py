@@ -19,7 +19,7 @@ from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server import requests
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
-from fastllm.server.openapi import MODEL_ERRORS, StreamingOperation, responses
+from fastllm.server.openapi import MODEL_ERRORS, responses, streaming
 from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
@@ -77,7 +77,7 @@ class CompletionsController(Controller):
     path = "/v1/completions"
     tags = ["completions"]
 
-    @post(status_code=200, summary="Create a completion", operation_class=StreamingOperation,
+    @post(status_code=200, summary="Create a completion", operation_class=streaming(Completion),
           responses=responses(Completion, "The completion; Server-Sent Events of chunks when `stream` is true",
                               408, *MODEL_ERRORS))
     async def create(self, data: CompletionRequest, registry: ModelRegistry, settings: Settings,
@@ -97,8 +97,9 @@ class CompletionsController(Controller):
         ]
         echoes = [model.tokenizer.decode(r.prompt_ids) if data.echo else "" for r in built]
         prompt_tokens = sum(len(r.prompt_ids) for r in built)
-        deltas = _merged([run(model, r, metrics, settings.server.request_timeout) for r in built], data.n)
         completion_id, created = request_id("cmpl"), int(time.time())
+        deltas = _merged([run(model, r, metrics, settings.server.request_timeout, f"{completion_id}/{i}")
+                          for i, r in enumerate(built)], data.n)
         total = len(built) * data.n
         if data.stream:
             first = await anext(deltas)
