@@ -85,8 +85,7 @@ def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int],
             wall, tokens = asyncio.run(together())
             runs.append(tokens / wall)
         aggregate[n] = statistics.median(runs)
-    weights = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".onnx_data") or
-                  p.name.endswith(".onnx_data"))
+    weights = sum(p.stat().st_size for p in folder.iterdir() if ".onnx" in p.name)
     model.close()
     return {
         "model": model.id, "folder": str(folder), "quantization": model.manifest.quantization,

@@ -96,6 +96,13 @@ def export(options: ExportOptions) -> Path:
             rewrite(staging / manifest.onnx_file, dtype=options.dtype, quantization=options.quantize)
         else:
             log.info("[4/5] keeping the fp32 graph as exported (no --dtype/--quantize rewrite)")
+        if checkpoint.task == "text-generation":
+            from fastllm.export import validate
+            from fastllm.export.quantize import keep_last_logits
+
+            if options.validate and (options.quantize != "none" or options.dtype != "fp32"):
+                validate.measure_quality(staging, manifest, model, tokenizer)
+            keep_last_logits(staging / manifest.onnx_file)
         if options.validate:
             log.info("[5/5] validating against PyTorch")
             _validate(staging, manifest, checkpoint, model, tokenizer)
@@ -305,6 +312,6 @@ def _validate(staging: Path, manifest: Manifest, checkpoint: sources.Checkpoint,
     from fastllm.export import validate
 
     if checkpoint.task == "text-generation":
-        validate.validate_causal(staging, manifest, model, tokenizer)
+        validate.check_greedy(staging, manifest, model, tokenizer)
     else:
         validate.validate_embedding(staging, manifest, checkpoint.folder, tokenizer)

@@ -112,3 +112,33 @@ def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
         all_tensors_to_one_file=True,
         location=onnx_path.name + "_data",
     )
+
+
+def keep_last_logits(onnx_path: Path) -> None:
+    """Compute logits for the last position only: a ``Slice`` on the hidden states before the lm_head.
+
+    Generation never reads the others, and for a 49k vocabulary the prompt's lm_head is a large part of
+    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). The weights are not touched:
+    a graph with external data is rewritten without loading them.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    graph = model.graph
+    head = next((n for n in graph.node if "logits" in n.output), None)
+    if head is None or any(n.name == "fastllm_last_position" for n in graph.node):
+        return
+    hidden = head.input[0]
+    constants = {"fastllm_last_start": -1, "fastllm_last_end": np.iinfo(np.int64).max, "fastllm_last_axis": 1}
+    for name, value in constants.items():
+        graph.initializer.append(numpy_helper.from_array(np.asarray([value], dtype=np.int64), name=name))
+    sliced = hidden + "_last_position"
+    graph.node.insert(list(graph.node).index(head), helper.make_node(
+        "Slice", [hidden, "fastllm_last_start", "fastllm_last_end", "fastllm_last_axis"], [sliced],
+        name="fastllm_last_position"))
+    head.input[0] = sliced
+    for output in graph.output:
+        if output.name == "logits":
+            output.type.tensor_type.shape.dim[1].dim_value = 1
+    onnx.save_model(model, str(onnx_path))

@@ -59,7 +59,8 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(messages[-1]["content"])["input_ids"])
 
 
-def validate_causal(folder: Path, manifest: Manifest, model: Any, tokenizer: Any) -> None:
+def check_greedy(folder: Path, manifest: Manifest, model: Any, tokenizer: Any) -> None:
+    """fp32 graphs must reproduce PyTorch's greedy tokens; every graph's answers are logged."""
     import torch
 
     decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
@@ -82,11 +83,15 @@ def validate_causal(folder: Path, manifest: Manifest, model: Any, tokenizer: Any
                 "validation failed: ONNX Runtime's greedy tokens differ from PyTorch's for "
                 f"{messages[-1]['content']!r}:\n  onnx:    {ours}\n  pytorch: {reference}"
             )
-    if not exact:
-        manifest.quality = _quality(decoder, model, tokenizer)
-        log.info("quality vs PyTorch fp32: top-1 agreement %.3f, perplexity %.3f (fp32 %.3f)",
-                 manifest.quality.top1_agreement, manifest.quality.perplexity,
-                 manifest.quality.reference_perplexity)
+
+
+def measure_quality(folder: Path, manifest: Manifest, model: Any, tokenizer: Any) -> None:
+    """Teacher-forced agreement and perplexity against PyTorch; needs the graph's logits at every position,
+    so it runs before the export keeps only the last position's."""
+    decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
+    manifest.quality = _quality(decoder, model, tokenizer)
+    log.info("quality vs PyTorch fp32: top-1 agreement %.3f, perplexity %.3f (fp32 %.3f)",
+             manifest.quality.top1_agreement, manifest.quality.perplexity, manifest.quality.reference_perplexity)
 
 
 def _quality(decoder: Decoder, model: Any, tokenizer: Any) -> Quality:
