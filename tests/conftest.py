@@ -122,14 +122,10 @@ def _has_cuda() -> bool:
 def server(smollm2_fp32: Path, minilm_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One real server for the API tests: SmolLM2 (chat) and MiniLM (embeddings), started the seed's way
     (`fastllm --config FILE`, no subcommand)."""
-    from serving import run_server
+    from serving import chat_and_embedding_config, run_server
 
     folder = tmp_path_factory.mktemp("server")
-    config = folder / "config.toml"
-    config.write_text(
-        f'[model]\nmodel_id = "{smollm2_fp32}"\n\n'
-        f'[[models]]\nmodel_id = "{minilm_export}"\nserved_model_name = "all-MiniLM-L6-v2"\n'
-    )
+    config = chat_and_embedding_config(folder, smollm2_fp32, minilm_export)
     with run_server(["--config", str(config)], log_dir=folder, subcommand=None) as running:
         yield running
 

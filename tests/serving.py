@@ -21,6 +21,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def chat_and_embedding_config(folder: Path, chat: Path, embedding: Path, extra: str = "") -> Path:
+    """A config.toml serving ``chat`` and ``embedding`` (the latter as "all-MiniLM-L6-v2"), plus ``extra`` TOML."""
+    config = folder / "config.toml"
+    config.write_text(
+        f'[model]\nmodel_id = "{chat}"\n\n'
+        f'[[models]]\nmodel_id = "{embedding}"\nserved_model_name = "all-MiniLM-L6-v2"\n\n{extra}'
+    )
+    return config
+
+
 class Server:
     def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
         self.process = process

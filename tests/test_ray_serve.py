@@ -8,19 +8,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from serving import run_server
+from serving import chat_and_embedding_config, run_server
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")
 
 
 def test_two_replicas_serve_chat_and_embeddings_through_the_proxy(smollm2_fp32: Path, minilm_export: Path,
                                                                   tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[model]\nmodel_id = "{smollm2_fp32}"\n\n'
-        f'[[models]]\nmodel_id = "{minilm_export}"\nserved_model_name = "all-MiniLM-L6-v2"\n\n'
-        "[runtime]\nthreads = 1\n"
-    )
+    config = chat_and_embedding_config(tmp_path, smollm2_fp32, minilm_export, "[runtime]\nthreads = 1\n")
     env = {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     try:
         with run_server(["--config", str(config), "--ray", "2"], env=env, log_dir=tmp_path, ready_timeout=300,

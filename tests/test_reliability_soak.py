@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from serving import run_server
+from serving import chat_and_embedding_config, run_server
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,11 +34,7 @@ soak = _load_soak()
 
 def test_soak_mixed_load_stays_correct_and_leaves_nothing_behind(smollm2_fp32: Path, minilm_export: Path,
                                                                    tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(
-        f'[model]\nmodel_id = "{smollm2_fp32}"\n\n'
-        f'[[models]]\nmodel_id = "{minilm_export}"\nserved_model_name = "all-MiniLM-L6-v2"\n'
-    )
+    config = chat_and_embedding_config(tmp_path, smollm2_fp32, minilm_export)
     with run_server(["--config", str(config)], log_dir=tmp_path) as running:
         report = asyncio.run(soak.run_soak(soak.SoakConfig(
             url=running.url, requests=120, concurrency=16, max_tokens=8, pid=running.process.pid,
