@@ -163,7 +163,7 @@ def _staging_seen(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> list
         assert (folder / "model.onnx").is_file() and not (folder / MANIFEST_NAME).exists()
         raise error
 
-    monkeypatch.setattr(validate, "validate_causal", fail)
+    monkeypatch.setattr(validate, "check_greedy", fail)
     return seen
 
 
@@ -198,7 +198,7 @@ def test_interrupted_cli_export(tmp_path: Path, env: dict[str, str]) -> None:
         "from fastllm.export import validate\n"
         "def interrupt(*args, **kwargs):\n"
         "    raise KeyboardInterrupt\n"
-        "validate.validate_causal = interrupt"
+        "validate.check_greedy = interrupt"
     )
     result = run_fastllm("export", tiny_models.build("llama"), "--models-dir", tmp_path / "models", env=env,
                          cwd=tmp_path, prelude=prelude)

@@ -280,17 +280,17 @@ def test_validation_rejects_a_graph_that_differs_from_pytorch() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastllm.errors import ExportError
-    from fastllm.export.validate import validate_causal
+    from fastllm.export.validate import check_greedy
 
     folder = tiny_export("llama")
     source = tiny_models.build("llama")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    validate_causal(folder, read_manifest(folder), model, tokenizer)  # the real pair passes
+    check_greedy(folder, read_manifest(folder), model, tokenizer)  # the real pair passes
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(-1.5)
     with pytest.raises(ExportError, match="greedy tokens differ"):
-        validate_causal(folder, read_manifest(folder), model, tokenizer)
+        check_greedy(folder, read_manifest(folder), model, tokenizer)
 
 
 def test_default_output_folder_names() -> None:
