@@ -16,7 +16,7 @@ fi
 
 fastllm serve --model SmolLM2-135M-Instruct --models-dir "$models_dir" --port "$port" &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
   curl -sf "http://127.0.0.1:$port/ready" >/dev/null && break
   kill -0 $server 2>/dev/null || { echo "the server exited; see the log above" >&2; exit 1; }
