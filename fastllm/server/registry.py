@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastllm.errors import ModelNotFoundError, WrongModelTypeError
-from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.models import ServedModel
 
 
@@ -44,11 +43,6 @@ class ModelRegistry:
                 f"{model_id!r} is a text-generation model; it cannot create embeddings", param="model"
             )
         return model
-
-    def embedding_engine(self, model: ServedModel) -> EmbeddingEngine:
-        if model.embedder is None:
-            raise WrongModelTypeError(f"{model.id!r} cannot create embeddings", param="model")
-        return model.embedder
 
     def close(self) -> None:
         for model in self._models.values():

@@ -7,7 +7,7 @@ that send fields we do not implement still work.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -244,6 +244,3 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 class ErrorResponse(msgspec.Struct, kw_only=True):
     error: ErrorBody
 
-
-def to_builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)
