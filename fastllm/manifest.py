@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -66,6 +66,13 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     @property
     def is_generative(self) -> bool:
         return self.task == "text-generation"
+
+
+def token_id_list(value: Any) -> list[int]:
+    """transformers configs give special token ids as an int, a list, or nothing (None or False)."""
+    if value is None or value is False:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
 def sha256_file(path: Path) -> str:

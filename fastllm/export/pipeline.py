@@ -21,7 +21,7 @@ from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
 from fastllm.export import fused, sources
-from fastllm.manifest import Manifest, sha256_file, write_manifest
+from fastllm.manifest import Manifest, sha256_file, token_id_list, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any
     config = model.config
     heads = getattr(config, "num_attention_heads", 0)
     head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0)
-    eos = _ids(getattr(model, "generation_config", None) and model.generation_config.eos_token_id)
-    eos += [i for i in _ids(config.eos_token_id) if i not in eos]
+    eos = token_id_list(getattr(model, "generation_config", None) and model.generation_config.eos_token_id)
+    eos += [i for i in token_id_list(config.eos_token_id) if i not in eos]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     probe = tokenizer("a")["input_ids"]
@@ -276,12 +276,6 @@ def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any
         embedding_dim=config.hidden_size if checkpoint.task == "embedding" else None,
         tools={tool: _version(tool) for tool in TOOLS},
     )
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None or value is False:
-        return []
-    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
 def _context_length(config: Any, tokenizer: Any) -> int:

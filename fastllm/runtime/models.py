@@ -11,7 +11,7 @@ from typing import Any
 from fastllm import hub
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import FastLLMError, ModelLoadError
-from fastllm.manifest import Manifest, is_model_dir, read_manifest
+from fastllm.manifest import Manifest, is_model_dir, read_manifest, token_id_list
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
@@ -70,7 +70,7 @@ def infer_manifest(folder: Path, model_id: str, revision: str | None) -> Manifes
         head_dim=int(config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)),
         vocab_size=int(config.get("vocab_size", 0)),
         context_length=int(config.get("max_position_embeddings") or 2048),
-        eos_token_ids=_ids(generation.get("eos_token_id", config.get("eos_token_id"))),
+        eos_token_ids=token_id_list(generation.get("eos_token_id", config.get("eos_token_id"))),
         bos_token_id=generation.get("bos_token_id", config.get("bos_token_id")),
         pad_token_id=generation.get("pad_token_id", config.get("pad_token_id")),
         pooling=None if generative else "mean",
@@ -84,12 +84,6 @@ def _json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-
-
-def _ids(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
 @dataclass

@@ -46,7 +46,6 @@ async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, 
     metrics.prompt_tokens.labels(model.id).inc(len(request.prompt_ids) * request.n)
     deadline = time.monotonic() + timeout
     started = last = time.perf_counter()
-    first = True
     ttft = 0.0
     generated = 0
     outcome = "error"
@@ -65,10 +64,9 @@ async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, 
             except TimeoutError:
                 raise RequestTimeoutError(f"the request took longer than {timeout:.0f}s and was cancelled") from None
             now = time.perf_counter()
-            if first:
+            if generated == 0:  # every step carries at least one token, the first one included
                 ttft = now - started
                 metrics.time_to_first_token.labels(model.id).observe(ttft)
-                first = False
             else:
                 metrics.inter_token_latency.labels(model.id).observe(now - last)
             last = now
