@@ -225,5 +225,88 @@ def bundle_command(model_dir: Path, output: Path, gpu: bool, image: str | None, 
                f"build it with: docker build -t {result.image} {result.output}")
 
 
+@main.command("bench")
+@click.argument("base_url", required=False)
+@click.option("--model", help="Model id to request (default: the first of BASE_URL/models).")
+@click.option("--label", help="Name of this server in the table and plot (default: the model id).")
+@click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer key, if the server wants one.")
+@click.option("--concurrency", default="1,2,4,8,16", show_default=True,
+              help="Comma-separated client counts (batch sizes with --embeddings).")
+@click.option("--requests", "requests_per_client", type=int, default=2, show_default=True,
+              help="Requests per client at each level and round (at least 4 per round; always 8 with "
+                   "--embeddings).")
+@click.option("--max-tokens", type=int, default=128, show_default=True, help="Generated tokens per request.")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Rounds per level; rates are their median.")
+@click.option("--max-seconds", type=float, default=300.0, show_default=True,
+              help="Per round: stop issuing requests after this long.")
+@click.option("--ban-tokens", default="", metavar="IDS",
+              help="Comma-separated token ids (the model's end-of-turn ids) to forbid with logit_bias, so that "
+                   "servers without ignore_eos also generate --max-tokens tokens.")
+@click.option("--embeddings", is_flag=True, help="Measure /v1/embeddings inputs/s at each batch size instead.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report (all runs) here.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the tables here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path),
+              help="Write a PNG plot here (needs matplotlib: pip install \"fastllm[bench]\").")
+@click.option("--merge", "merge_paths", multiple=True, type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Earlier JSON reports to put beside this run (repeatable); without BASE_URL, only merge.")
+@_friendly_errors
+def bench_command(base_url: str | None, model: str | None, label: str | None, api_key: str | None,
+                  concurrency: str, requests_per_client: int, max_tokens: int, repeat: int, max_seconds: float,
+                  ban_tokens: str, embeddings: bool, json_path: Path | None, markdown_path: Path | None,
+                  plot_path: Path | None, merge_paths: tuple[Path, ...]) -> None:
+    """Load an OpenAI-compatible server at BASE_URL (e.g. http://127.0.0.1:3000/v1) and report.
+
+    Streams chat completions at each concurrency level and reports time to first token, inter-token
+    latency, end-to-end latency, requests/s, generated tokens/s and errors. Works against any server
+    that speaks the OpenAI API, so peers are measured with the same load.
+    """
+    _setup_logging("warning")
+    from fastllm.bench.load import Target
+    from fastllm.bench.report import Report, markdown, plot, read_report, write_json
+    from fastllm.bench.runner import discover_model, sweep
+    from fastllm.errors import BenchError
+
+    try:
+        levels = [int(v) for v in concurrency.split(",")]
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated integers, e.g. 1,2,4,8,16", param_hint="--concurrency") from exc
+    try:
+        banned = [int(v) for v in ban_tokens.split(",") if v.strip()]
+    except ValueError as exc:
+        raise click.BadParameter("comma-separated token ids, e.g. 0,2", param_hint="--ban-tokens") from exc
+    if any(v < 1 for v in levels) or repeat < 1 or requests_per_client < 1 or max_tokens < 1:
+        raise click.BadParameter("levels, --repeat, --requests and --max-tokens must be positive")
+    runs = [run for path in merge_paths for run in read_report(path).runs]
+    if base_url:
+        base_url = base_url.rstrip("/")
+        model = model or discover_model(base_url, api_key)
+        target = Target(base_url=base_url, model=model, api_key=api_key, max_tokens=max_tokens,
+                        ban_token_ids=banned)
+
+        def show(s: Any) -> None:
+            if embeddings:
+                click.echo(f"batch {s.concurrency:>3}: {s.tok_s:8.1f} inputs/s  e2e p50 {s.e2e_p50_ms} ms  "
+                           f"errors {s.errors}/{s.requests}")
+            else:
+                click.echo(f"{s.concurrency:>3} clients: {s.tok_s:8.1f} tok/s  {s.req_s:6.2f} req/s  "
+                           f"TTFT p50 {s.ttft_p50_ms} ms  ITL p50 {s.itl_p50_ms} ms  errors {s.errors}/{s.requests}")
+
+        runs.append(sweep(target, levels, label=label or model, repeat=repeat, max_seconds=max_seconds,
+                          requests=lambda level: 8 if embeddings else max(4, requests_per_client * level),
+                          embeddings=embeddings, progress=show))
+    elif not runs:
+        raise BenchError("give a BASE_URL to measure, or --merge reports to put together")
+    report = Report.new(runs)
+    if json_path:
+        write_json(report, json_path)
+    if markdown_path:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown(report))
+    if plot_path:
+        plot(report, plot_path)
+    if not base_url or not (json_path or markdown_path or plot_path):
+        click.echo(markdown(report))
+
+
 if __name__ == "__main__":
     main()

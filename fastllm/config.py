@@ -97,6 +97,8 @@ class RuntimeConfig(_Section):
     max_n: int = Field(default=8, ge=1)
     # Embedding inputs batched into one run.
     embedding_batch_size: int = Field(default=32, ge=1)
+    # Keep the KV cache on the device between decode steps (ONNX Runtime IOBinding): "auto" = on GPUs.
+    io_binding: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("providers", mode="before")
     @classmethod

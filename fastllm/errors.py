@@ -12,6 +12,7 @@ them without a traceback, so code anywhere can raise the precise type and stay i
     │   ├── OutputExistsError         output folder exists and --force was not given
     │   └── CorruptModelError         unreadable GGUF / ONNX / manifest
     ├── ModelLoadError                a model folder cannot be served
+    ├── BenchError                    `fastllm bench` cannot reach its target or read a report
     └── RequestError                  a client request cannot be served (4xx)
         ├── InvalidRequestError       400, names the offending parameter
         ├── ContextLengthError        400, prompt + max_tokens exceed the context window
@@ -75,6 +76,10 @@ class CorruptModelError(ExportError):
 
 class ModelLoadError(FastLLMError):
     code = "model_load_error"
+
+
+class BenchError(FastLLMError):
+    code = "bench_error"
 
 
 class RequestError(FastLLMError):

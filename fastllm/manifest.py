@@ -45,6 +45,10 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # "optimum": optimum's general decoder graph (left-padded batches, position_ids input).
     # "fused": ONNX Runtime GenAI's builder graph (GroupQueryAttention, fused norms; right-padded batches).
     graph: Literal["optimum", "fused"] = "optimum"
+    # Which positions the graph's logits cover: "all" (as exported by others), "last-column" (our
+    # left-padded graphs), "per-row" (each row's last real token: right-padded prompts batch together).
+    # Empty for exports older than this field; those prefill one prompt at a time.
+    logits: Literal["", "all", "last-column", "per-row"] = ""
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0

@@ -18,14 +18,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from bench_text import TEXT
 
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.runtime.generation import GenerationEngine, GenerationRequest
 from fastllm.runtime.models import load_model
 from fastllm.runtime.sampling import SamplingParams
-
-TEXT = ("The history of computing is a story of abstraction layered upon abstraction, from vacuum tubes to "
-        "transistors, from machine code to high level languages, and from single machines to vast networks. ") * 20
 
 
 async def _stream(engine: GenerationEngine, request: GenerationRequest) -> tuple[float, float, int]:

@@ -233,14 +233,14 @@ def test_logprobs_are_the_models_before_penalties() -> None:
 # ---- the batch cache -----------------------------------------------------------------------------
 
 
-def _kv(length: int, value: float) -> list[np.ndarray]:
-    return [np.full((1, 2, length, 4), value, dtype=np.float32) for _ in range(2)]
+def _kv(length: int, value: float, rows: int = 1) -> list[np.ndarray]:
+    return [np.full((rows, 2, length, 4), value, dtype=np.float32) for _ in range(2)]
 
 
 def test_batch_cache_left_pads_joins_and_trims_on_leave() -> None:
     cache = BatchCache()
-    cache.join(_kv(3, 1.0), copies=1)
-    cache.join(_kv(5, 2.0), copies=2)
+    cache.join(_kv(3, 1.0), [3])
+    cache.join(_kv(5, 2.0, rows=2), [5, 5])
     assert cache.rows == 3 and cache.width == 5
     assert cache.next_mask().tolist() == [[0, 0, 1, 1, 1, 1], [1] * 6, [1] * 6]
     assert np.all(cache.past[0][0, :, :2] == 0) and np.all(cache.past[0][0, :, 2:] == 1.0)
@@ -253,10 +253,24 @@ def test_batch_cache_left_pads_joins_and_trims_on_leave() -> None:
     assert cache.rows == 0
 
 
+def test_batch_cache_takes_a_batched_prefill_of_right_padded_rows() -> None:
+    """A batched prefill's rows arrive padded to the longest prompt; each keeps its own length."""
+    cache = BatchCache(right_padded=True)
+    cache.join(_kv(4, 1.0), [4])
+    cache.join(_kv(6, 2.0, rows=2), [2, 6])
+    assert cache.lengths.tolist() == [4, 2, 6] and cache.width == 6
+    assert cache.next_mask().tolist() == [[1] * 5 + [0] * 2, [1] * 3 + [0] * 4, [1] * 7]
+    cache.keep([0, 1])
+    assert cache.width == 4 and cache.lengths.tolist() == [4, 2]
+    # n > 1 choices: one prefilled row joins several times.
+    cache.join(_kv(3, 3.0), [3, 3], rows=[0, 0])
+    assert cache.lengths.tolist() == [4, 2, 3, 3] and np.all(cache.past[1][2:, :, :3] == 3.0)
+
+
 def test_batch_cache_right_pads_for_fused_graphs() -> None:
     cache = BatchCache(right_padded=True)
-    cache.join(_kv(3, 1.0), copies=1)
-    cache.join(_kv(5, 2.0), copies=1)
+    cache.join(_kv(3, 1.0), [3])
+    cache.join(_kv(5, 2.0), [5])
     assert cache.next_mask().tolist() == [[1, 1, 1, 1, 0, 0], [1] * 6]
     assert np.all(cache.past[0][0, :, 3:] == 0) and np.all(cache.past[0][0, :, :3] == 1.0)
     cache.step([np.zeros((2, 2, 6, 4), dtype=np.float32)] * 2)

@@ -6,6 +6,7 @@ import asyncio
 import collections
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -37,7 +38,13 @@ def test_fused_int4_is_matmulnbits_with_a_quality_figure(smollm2_fused_int4: Pat
     manifest = read_manifest(smollm2_fused_int4)
     assert manifest.quantization == "int4" and manifest.quality is not None
     assert manifest.quality.top1_agreement > 0.6
-    assert _ops(smollm2_fused_int4)["MatMulNBits"] > 0
+    ops = _ops(smollm2_fused_int4)
+    assert ops["MatMulNBits"] > 0
+    # The vocabulary table is int4 too, shared by the embedding gather and the lm_head: no fp32 copy of
+    # its 49152 × 576 weights (113 MB) is left in the file.
+    assert ops["GatherBlockQuantized"] == 1
+    weights = sum(p.stat().st_size for p in smollm2_fused_int4.glob("model.onnx*"))
+    assert weights < 110e6
 
 
 def _answers(model: ServedModel, together: bool) -> list[str]:
@@ -78,14 +85,17 @@ def test_right_padded_batches_give_each_request_its_solo_answer(smollm2_fused: P
 
 def test_int4_batches_stay_close_to_solo_answers(smollm2_fused_int4: Path) -> None:
     """MatMulNBits' int8-compute kernels take another path at batch 1 than at batch 8, so greedy answers
-    may part at near-ties: most answers stay identical, and every one is a full answer."""
+    may part at near-ties: half the answers or more stay identical, the others agree for their first words,
+    and every one is a full answer."""
     model = _load(smollm2_fused_int4)
     try:
         solo = _answers(model, together=False)
         together = _answers(model, together=True)
     finally:
         model.close()
-    assert sum(a == b for a, b in zip(solo, together, strict=True)) >= 5
+    # Parting happens at near-ties a few words in, never at the start; fp32 is exact (test above).
+    assert sum(a == b for a, b in zip(solo, together, strict=True)) >= len(QUESTIONS) // 2
+    assert all(a.split()[:3] == b.split()[:3] for a, b in zip(solo, together, strict=True))
     assert all(len(b) > 20 for b in together)
 
 
@@ -120,6 +130,87 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
     try:
-        assert asyncio.run(together()) == asyncio.run(solo())
+        alone = asyncio.run(solo())
+        runs = engine.stats.prefill_runs
+        assert asyncio.run(together()) == alone
+        # The six prompts (3 to 13 tokens) arrive together and share one or two prefill runs.
+        assert engine.stats.prefill_runs - runs <= 2
+        # Batched prefill, row by row, is what each prompt computes alone.
+        decoder = engine.decoder
+        assert manifest.logits == "per-row" and decoder.batched_prefill
+        batched = decoder.prefill(prompts)
+        for row, ids in enumerate(prompts):
+            single = decoder.prefill([ids])
+            np.testing.assert_allclose(batched.logits[row], single.logits[0], rtol=0, atol=1e-5)
+            for past_b, past_1 in zip(batched.present, single.present, strict=True):
+                np.testing.assert_allclose(past_b[row, :, : len(ids)], past_1[0, :, : len(ids)], rtol=0, atol=1e-5)
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_io_binding_keeps_answers_identical(graph: str) -> None:
+    """The IOBinding path (on by default on GPUs) run on the CPU: the cache lives in OrtValues between
+    steps and crosses to numpy only when rows join or leave; greedy tokens equal the plain path's."""
+    from conftest import tiny_export
+
+    folder = tiny_export("llama", **({"graph": "fused"} if graph == "fused" else {}))
+    prompts = [[(5 * i + j) % 50 + 5 for j in range(4 + 3 * i)] for i in range(5)]
+
+    def tokens(io_binding: str) -> list[list[int]]:
+        model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(max_batch_size=8, io_binding=io_binding),
+                           Path("models"))
+        engine = model.generator
+        assert engine is not None
+        assert (engine.decoder.binding_device is not None) == (io_binding == "on")
+        # Left-padded graphs prefill one prompt per run (padding would shift their softmax sums).
+        assert engine.decoder.batched_prefill == (graph == "fused")
+
+        async def one(ids: list[int], max_tokens: int) -> list[int]:
+            out: list[int] = []
+            request = GenerationRequest(ids, SamplingParams(temperature=0.0), max_tokens=max_tokens, ignore_eos=True)
+            async for deltas in engine.generate(request):
+                out += [t for d in deltas for t in d.token_ids]
+            return out
+
+        async def together() -> list[list[int]]:  # different lengths: rows leave while others decode
+            return list(await asyncio.gather(*(one(p, 6 + 2 * i) for i, p in enumerate(prompts))))
+
+        try:
+            return asyncio.run(together())
+        finally:
+            model.close()
+
+    assert tokens("on") == tokens("off")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_cuda_generation_binds_the_cache_on_the_device_and_matches_cpu(graph: str) -> None:
+    """On a lent GPU: "auto" picks CUDA, binds the KV cache there, and greedy tokens equal the CPU's."""
+    from conftest import tiny_export
+
+    folder = tiny_export("llama", **({"graph": "fused"} if graph == "fused" else {}))
+    prompt = [(3 * j) % 50 + 5 for j in range(9)]
+
+    def greedy(providers: str | list[str]) -> tuple[list[int], object]:
+        model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(providers=providers), Path("models"))
+        engine = model.generator
+        assert engine is not None
+
+        async def run() -> list[int]:
+            out: list[int] = []
+            request = GenerationRequest(prompt, SamplingParams(temperature=0.0), max_tokens=16, ignore_eos=True)
+            async for deltas in engine.generate(request):
+                out += [t for d in deltas for t in d.token_ids]
+            return out
+
+        try:
+            return asyncio.run(run()), engine.decoder.binding_device
+        finally:
+            model.close()
+
+    cuda_tokens, device = greedy("auto")
+    assert device == ("cuda", 0)
+    # GPU kernels round differently; a random tiny model has near-ties late in a sequence.
+    assert cuda_tokens[:8] == greedy(["CPUExecutionProvider"])[0][:8]

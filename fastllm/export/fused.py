@@ -22,6 +22,10 @@ log = logging.getLogger(__name__)
 
 # Architectures the builder supports and we test; others keep optimum's graph.
 FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma"})
+# int4: int8 compute (accuracy level 4), blocks of 32, and the embedding table quantized too and shared
+# with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
+_INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_block_size": "32", "int4_op_types_to_quantize": "MatMul/Gather",
+                 "int4_algo_config": "rtn", "shared_embeddings": "true"}
 _PRECISION = {("fp32", "none"): "fp32", ("fp32", "int4"): "int4", ("fp16", "none"): "fp16"}
 
 
@@ -44,7 +48,7 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
         # The builder reads a transformers folder; GGUF and in-memory fixes (tokenizer) go through one.
         model.save_pretrained(checkpoint)
         tokenizer.save_pretrained(checkpoint)
-        options = {"int4_accuracy_level": "4", "int4_block_size": "32"} if precision == "int4" else {}
+        options = _INT4_OPTIONS if precision == "int4" else {}
         create_model(model.config.model_type, str(checkpoint), str(built), precision,
                      "cuda" if precision == "fp16" else "cpu", str(staging / ".builder-cache"), **options)
         for name in ("model.onnx", "model.onnx.data"):

@@ -102,7 +102,8 @@ def export(options: ExportOptions) -> Path:
 
             if options.validate and (options.quantize != "none" or options.dtype != "fp32"):
                 validate.measure_quality(staging, manifest, model, tokenizer)
-            keep_last_logits(staging / manifest.onnx_file)
+            keep_last_logits(staging / manifest.onnx_file, right_padded=manifest.graph == "fused")
+            manifest.logits = "per-row" if manifest.graph == "fused" else "last-column"
         if options.validate:
             log.info("[5/5] validating against PyTorch")
             _validate(staging, manifest, checkpoint, model, tokenizer)

@@ -114,12 +114,15 @@ def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
     )
 
 
-def keep_last_logits(onnx_path: Path) -> None:
-    """Compute logits for the last position only: a ``Slice`` on the hidden states before the lm_head.
+def keep_last_logits(onnx_path: Path, *, right_padded: bool = False) -> None:
+    """Compute logits for each row's last real position only, before the lm_head.
 
     Generation never reads the others, and for a 49k vocabulary the prompt's lm_head is a large part of
-    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). The weights are not touched:
-    a graph with external data is rewritten without loading them.
+    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). Left-padded graphs (optimum's)
+    have every row's last token in the last column: a ``Slice``. Right-padded graphs (fused) prefill
+    prompts of different lengths in one batch, so each row's index comes from its attention mask:
+    ``sum(mask) - 1 - past``, clamped into the new tokens (a decode step's rows all read column 0).
+    The weights are not touched: a graph with external data is rewritten without loading them.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -127,16 +130,40 @@ def keep_last_logits(onnx_path: Path) -> None:
     model = onnx.load(str(onnx_path), load_external_data=False)
     graph = model.graph
     head = next((n for n in graph.node if "logits" in n.output), None)
-    if head is None or any(n.name == "fastllm_last_position" for n in graph.node):
+    if head is None or any(n.name.startswith("fastllm_last_") for n in graph.node):
         return
     hidden = head.input[0]
-    constants = {"fastllm_last_start": -1, "fastllm_last_end": np.iinfo(np.int64).max, "fastllm_last_axis": 1}
-    for name, value in constants.items():
-        graph.initializer.append(numpy_helper.from_array(np.asarray([value], dtype=np.int64), name=name))
     sliced = hidden + "_last_position"
-    graph.node.insert(list(graph.node).index(head), helper.make_node(
-        "Slice", [hidden, "fastllm_last_start", "fastllm_last_end", "fastllm_last_axis"], [sliced],
-        name="fastllm_last_position"))
+
+    def const(name: str, values: list[int]) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name=name))
+        return name
+
+    if not right_padded:
+        nodes = [helper.make_node(
+            "Slice", [hidden, const("fastllm_last_start", [-1]), const("fastllm_last_end", [np.iinfo(np.int64).max]),
+                      const("fastllm_last_axis", [1])], [sliced], name="fastllm_last_position")]
+    else:
+        t = "fastllm_last_"
+        one, zero, axis1 = const(t + "one", [1]), const(t + "zero", [0]), const(t + "ax1", [1])
+        nodes = [
+            helper.make_node("Cast", ["attention_mask"], [t + "mask64"], to=onnx.TensorProto.INT64, name=t + "cast"),
+            helper.make_node("ReduceSum", [t + "mask64", axis1], [t + "real"], keepdims=0, name=t + "real"),
+            helper.make_node("Shape", ["attention_mask"], [t + "total"], start=1, end=2, name=t + "total"),
+            helper.make_node("Shape", ["input_ids"], [t + "new"], start=1, end=2, name=t + "new"),
+            helper.make_node("Sub", [t + "total", t + "new"], [t + "past"], name=t + "past"),
+            helper.make_node("Sub", [t + "real", one], [t + "end"], name=t + "end"),
+            helper.make_node("Sub", [t + "end", t + "past"], [t + "raw"], name=t + "raw"),
+            helper.make_node("Sub", [t + "new", one], [t + "max"], name=t + "max"),
+            helper.make_node("Max", [t + "raw", zero], [t + "low"], name=t + "low"),
+            helper.make_node("Min", [t + "low", t + "max"], [t + "index"], name=t + "index"),
+            helper.make_node("Unsqueeze", [t + "index", axis1], [t + "index2"], name=t + "index2"),
+            helper.make_node("GatherND", [hidden, t + "index2"], [t + "rows"], batch_dims=1, name=t + "gather"),
+            helper.make_node("Unsqueeze", [t + "rows", axis1], [sliced], name=t + "position"),
+        ]
+    at = list(graph.node).index(head)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(at + offset, node)
     head.input[0] = sliced
     for output in graph.output:
         if output.name == "logits":

@@ -35,12 +35,11 @@ QUALITY_TEXT = (
 
 def greedy_onnx(decoder: Decoder, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
     """Greedy decoding through the same Decoder and cache code the server runs."""
-    ids = np.asarray([prompt], dtype=np.int64)
-    out = decoder.forward(ids, np.ones_like(ids), np.arange(ids.shape[1])[None, :], decoder.empty_past(1))
+    out = decoder.prefill([prompt])
     cache = BatchCache(right_padded=decoder.right_padded)
-    cache.join(out.present, 1)
+    cache.join(out.present, [len(prompt)])
     tokens: list[int] = []
-    position = ids.shape[1]
+    position = len(prompt)
     for _ in range(new_tokens):
         token = int(np.argmax(out.logits[0]))
         tokens.append(token)

@@ -3,6 +3,10 @@
 The same graph serves prefill (many new tokens, empty past) and decode (one new token per row). The
 graph concatenates past and new keys/values itself, so ``present`` of one step is fed back unchanged
 as ``past`` of the next: no copies on our side between steps.
+
+On a GPU the step runs through IOBinding: ``present`` stays on the device as OrtValues and goes back in
+as the next ``past`` without a round trip through host memory; only the logits come to the host. The
+batch cache brings the KV to the host only when rows join or leave.
 """
 
 from __future__ import annotations
@@ -17,18 +21,24 @@ from fastllm.errors import ModelLoadError
 from fastllm.manifest import Manifest
 from fastllm.runtime.providers import create_session
 
+# Where a provider keeps its outputs when bound: IOBinding device names.
+_DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
+
+KV = Any  # np.ndarray on the host, or onnxruntime.OrtValue on the device between decode steps
+
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 @dataclass
 class StepOutput:
     logits: np.ndarray  # [batch, vocab] for the last position of each row, float32
-    present: list[np.ndarray]  # per layer: key, value, key, value, ...
+    present: list[KV]  # per layer: key, value, key, value, ...
 
 
 class Decoder:
     def __init__(self, folder: Path, manifest: Manifest, *, providers: Any = "auto",
-                 provider_options: dict[str, dict[str, Any]] | None = None, threads: int = 0) -> None:
+                 provider_options: dict[str, dict[str, Any]] | None = None, threads: int = 0,
+                 io_binding: str = "auto") -> None:
         onnx_path = folder / manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"{onnx_path} is missing; re-run `fastllm export`")
@@ -51,20 +61,72 @@ class Decoder:
         # GroupQueryAttention graphs (ours, or a hub repo built by the GenAI builder) take no position_ids
         # and read each row's length from the mask: their batches are right-padded.
         self.right_padded = manifest.graph == "fused" or not self.has_position_ids
+        # Prompts of different lengths share one prefill where each row's last logits can be found: graphs
+        # that gather them per row (see export.quantize.keep_last_logits) or that return every position.
+        self.batched_prefill = self.right_padded and manifest.logits in ("per-row", "all")
+        # "auto" binds on device providers, where it saves two copies of the whole cache per step; "on"
+        # also binds on the CPU (same results; used to test this path where no GPU is).
+        device = _DEVICES.get(self.provider)
+        self.binding_device: tuple[str, int] | None = None
+        if io_binding == "on" or (io_binding == "auto" and device):
+            options = (provider_options or {}).get(self.provider, {})
+            self.binding_device = (device or "cpu", int(options.get("device_id", 0)) if device else 0)
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
+    def prefill(self, prompts: list[list[int]]) -> StepOutput:
+        """Run several prompts as one padded batch, padded on the side this graph's cache uses.
+
+        Only right-padded (fused) graphs batch prompts of different lengths: their attention reads each
+        row's length from the mask, so a row computes exactly what it would alone. Left-padded graphs
+        would shift each row's softmax sums by the padding and change greedy answers in the last bits.
+        """
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((len(prompts), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            cut = slice(0, len(prompt)) if self.right_padded else slice(width - len(prompt), width)
+            ids[row, cut] = prompt
+            mask[row, cut] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True)
+        if out.logits.shape[1] > 1 and self.right_padded:  # a graph that returns every position
+            last = np.asarray([len(p) - 1 for p in prompts])
+            return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
+        return StepOutput(logits=out.logits[:, -1, :], present=out.present)
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: list[np.ndarray], *, all_logits: bool = False) -> StepOutput:
-        """Run one step; ``attention_mask`` covers past and new tokens, 0 marks left padding."""
+                past: list[KV], *, all_logits: bool = False) -> StepOutput:
+        """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding."""
         feeds: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
-        feeds.update(zip(self.past_names, past, strict=True))
-        outputs = self.session.run(self._output_names, feeds)
-        logits = outputs[0]
+        if self.binding_device is not None:
+            logits, present = self._bound(feeds, past)
+        else:
+            feeds.update(zip(self.past_names, past, strict=True))
+            outputs = self.session.run(self._output_names, feeds)
+            logits, present = outputs[0], outputs[1:]
         if not all_logits:
             logits = logits[:, -1, :]
-        return StepOutput(logits=logits.astype(np.float32, copy=False), present=outputs[1:])
+        return StepOutput(logits=logits.astype(np.float32, copy=False), present=present)
+
+    def _bound(self, feeds: dict[str, np.ndarray], past: list[KV]) -> tuple[np.ndarray, list[KV]]:
+        assert self.binding_device is not None
+        device, device_id = self.binding_device
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):  # after rows joined or left: one copy up
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, device, device_id)
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        return outputs[0].numpy(), list(outputs[1:])

@@ -1,6 +1,7 @@
 """Continuous batching: one engine thread runs the model, asyncio handlers only wait on queues.
 
-Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget,
+Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget
+(several prompts in one run where the graph allows),
 (2) runs one decode step for every running sequence together, (3) samples, detokenizes and checks
 stops per sequence, and (4) drops finished or cancelled sequences from the batch. Requests join and
 leave between steps, so a long generation never holds back a short one. ``session.run`` releases
@@ -82,6 +83,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     steps: int = 0
+    prefill_runs: int = 0
     last_batch_size: int = 0
 
 
@@ -176,50 +178,80 @@ class GenerationEngine:
             self._retain([s for s in self._running if not s.request.cancelled])
 
     def _admit(self) -> None:
+        """Prefill waiting requests between decode steps, within the batch's free slots and token budget.
+
+        Graphs that batch prompts (right-padded ones) prefill a whole group in one run, where the budget
+        counts padded tokens; others prefill one prompt per run. A running batch waits for at most one
+        budget's worth of prefill per step, so admitting never stalls its decoding for long.
+        """
         budget = self.max_prefill_tokens
         while True:
+            group: list[_Pending] = []
             with self._wake:
-                if not self._waiting:
-                    return
-                pending = self._waiting[0]
-                fits = len(self._running) + pending.request.n <= self.max_batch_size
-                affordable = len(pending.request.prompt_ids) <= budget or budget == self.max_prefill_tokens
-                if not (fits and affordable) and self._running:
-                    return
-                self._waiting.popleft()
-            budget -= len(pending.request.prompt_ids)
-            try:
-                self._prefill(pending)
-            except Exception:
-                log.exception("prefill failed for a request to %s", self.name)
-                pending.send(EngineError("the model failed while reading this prompt"))
+                slots = self.max_batch_size - len(self._running)
+                longest = 0
+                while self._waiting:
+                    pending = self._waiting[0]
+                    ids = len(pending.request.prompt_ids)
+                    padded = max(longest, ids) * (len(group) + 1)
+                    fits = pending.request.n <= slots
+                    affordable = padded <= budget or (not group and budget == self.max_prefill_tokens)
+                    if not (fits and affordable) and (group or self._running):
+                        break
+                    group.append(self._waiting.popleft())
+                    slots -= pending.request.n
+                    longest = max(longest, ids)
+                    if not self.decoder.batched_prefill:
+                        break
+            if not group:
+                return
+            budget -= longest * len(group)
+            self._prefill_group(group)
             if budget <= 0:
                 return
 
-    def _prefill(self, pending: _Pending) -> None:
-        request = pending.request
-        ids = np.asarray([request.prompt_ids], dtype=np.int64)
-        length = ids.shape[1]
-        out = self.decoder.forward(
-            ids, np.ones_like(ids), np.arange(length, dtype=np.int64)[None, :], self.decoder.empty_past(1)
-        )
-        sequences = [
-            _Sequence(
-                request=pending,
-                index=i,
-                sampler=Sampler(request.params, request.prompt_ids, seed_offset=i),
-                detok=IncrementalDetokenizer(self.tokenizer, request.stop),
-                position=length,
-            )
-            for i in range(request.n)
-        ]
-        deltas = [self._accept(seq, out.logits[0]) for seq in sequences]
-        alive = [s for s in sequences if s.finish_reason is None]
-        if alive:
-            self._cache.join(out.present, len(alive))
+    def _prefill_group(self, group: list[_Pending]) -> None:
+        """One prefill for the group; if it fails, each prompt alone, so only a faulty one gets the error."""
+        try:
+            self._prefill(group)
+        except Exception:
+            if len(group) > 1:
+                for pending in group:
+                    self._prefill_group([pending])
+                return
+            log.exception("prefill failed for a request to %s", self.name)
+            group[0].send(EngineError("the model failed while reading this prompt"))
+
+    def _prefill(self, group: list[_Pending]) -> None:
+        out = self.decoder.prefill([p.request.prompt_ids for p in group])
+        self.stats.prefill_runs += 1
+        rows: list[int] = []
+        alive: list[_Sequence] = []
+        sent: list[tuple[_Pending, list[Delta]]] = []
+        for row, pending in enumerate(group):
+            request = pending.request
+            sequences = [
+                _Sequence(
+                    request=pending,
+                    index=i,
+                    sampler=Sampler(request.params, request.prompt_ids, seed_offset=i),
+                    detok=IncrementalDetokenizer(self.tokenizer, request.stop),
+                    position=len(request.prompt_ids),
+                )
+                for i in range(request.n)
+            ]
+            sent.append((pending, [self._accept(seq, out.logits[row]) for seq in sequences]))
+            still = [s for s in sequences if s.finish_reason is None]
+            rows += [row] * len(still)
+            alive += still
+        # Only now, with every row sampled, does the group join the batch: a fault above leaves it untouched.
+        if rows:
+            lengths = np.asarray([len(group[r].request.prompt_ids) for r in rows])
+            self._cache.join(out.present, lengths, rows=None if rows == list(range(len(group))) else rows)
             self._running.extend(alive)
         self._update_stats()
-        pending.send(deltas)
+        for pending, deltas in sent:
+            pending.send(deltas)
 
     def _decode_step(self) -> None:
         tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)

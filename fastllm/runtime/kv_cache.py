@@ -10,17 +10,29 @@ Which side is padded depends on the graph:
 
 Rows join (after their prefill) and leave (when finished) between decode steps; each costs one copy
 of the cache, while a decode step itself costs none on our side (the graph returns the grown cache).
+Under IOBinding the arrays are device OrtValues between steps; a join or leave brings them to the host.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+
+
+def _host(array: Any) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.numpy()
+
+
+def _columns(array: Any) -> int:
+    shape = array.shape
+    return int((shape() if callable(shape) else shape)[2])  # OrtValue.shape is a method
 
 
 class BatchCache:
     def __init__(self, *, right_padded: bool = False) -> None:
         self.right_padded = right_padded
-        self.past: list[np.ndarray] = []
+        self.past: list[Any] = []  # np.ndarray, or OrtValue on a device (see runtime.decoder)
         self.lengths = np.zeros(0, dtype=np.int64)  # real tokens per row
 
     @property
@@ -29,20 +41,25 @@ class BatchCache:
 
     @property
     def width(self) -> int:
-        return int(self.past[0].shape[2]) if self.past else 0
+        return _columns(self.past[0]) if self.past else 0
 
-    def join(self, present: list[np.ndarray], copies: int) -> None:
-        """Append ``copies`` rows holding one prefilled sequence (``present`` has batch 1)."""
-        new_len = present[0].shape[2]
-        new_past = [np.repeat(p, copies, axis=0) if copies > 1 else p for p in present]
-        new_lengths = np.full(copies, new_len, dtype=np.int64)
+    def join(self, present: list[Any], lengths: Any, rows: list[int] | None = None) -> None:
+        """Append prefilled rows, laid out on this cache's padding side, with ``lengths`` real tokens each.
+
+        ``rows`` picks (and repeats, for n > 1 choices) rows of ``present``; None takes them all as they are.
+        """
+        if rows is not None:
+            index = np.asarray(rows)
+            present = [_host(p)[index] for p in present]
+        new_len = _columns(present[0])
+        new_lengths = np.asarray(lengths, dtype=np.int64)
         if self.rows == 0:
-            self.past, self.lengths = new_past, new_lengths
+            self.past, self.lengths = list(present), new_lengths
             return
         width = max(self.width, new_len)
         self.past = [
-            np.concatenate([self._pad(old, width), self._pad(new, width)], axis=0)
-            for old, new in zip(self.past, new_past, strict=True)
+            np.concatenate([self._pad(_host(old), width), self._pad(_host(new), width)], axis=0)
+            for old, new in zip(self.past, present, strict=True)
         ]
         self.lengths = np.concatenate([self.lengths, new_lengths])
 
@@ -57,7 +74,7 @@ class BatchCache:
         self.lengths = self.lengths[index]
         width = int(self.lengths.max())
         cut = slice(0, width) if self.right_padded else slice(self.width - width, self.width)
-        self.past = [np.ascontiguousarray(p[index, :, cut, :]) for p in self.past]
+        self.past = [np.ascontiguousarray(_host(p)[index, :, cut, :]) for p in self.past]
 
     def next_mask(self) -> np.ndarray:
         """The attention mask for a decode step: each row's cache plus the token being fed."""
@@ -67,7 +84,7 @@ class BatchCache:
             return (columns[None, :] < (self.lengths + 1)[:, None]).astype(np.int64)
         return (columns[None, :] >= (width - self.lengths - 1)[:, None]).astype(np.int64)
 
-    def step(self, present: list[np.ndarray]) -> None:
+    def step(self, present: list[Any]) -> None:
         """Adopt the graph's output after a decode step (every row grew by one real token)."""
         self.past = present
         self.lengths = self.lengths + 1

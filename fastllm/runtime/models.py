@@ -64,7 +64,7 @@ def infer_manifest(folder: Path, model_id: str, revision: str | None) -> Manifes
         name=model_id, source=model_id, revision=revision,
         task="text-generation" if generative else "embedding",
         architecture=(config.get("architectures") or ["unknown"])[0], model_type=config.get("model_type", "unknown"),
-        onnx_file=onnx_file,
+        onnx_file=onnx_file, logits="all",
         num_layers=int(config.get("num_hidden_layers", 0)),
         num_kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or (config.get("hidden_size", 0) // heads if heads else 0)),
@@ -116,7 +116,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
                "threads": runtime.threads}
     created = int((folder / manifest.onnx_file).stat().st_mtime) if (folder / manifest.onnx_file).exists() else 0
     if manifest.is_generative:
-        decoder = Decoder(folder, manifest, **options)
+        decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, **options)
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
             max_prefill_tokens=runtime.max_prefill_tokens, max_queue=runtime.max_queue, name=served_id,

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The whole comparison, one server at a time on this machine, written to docs/benchmarks.md (+ .png, .json):
+#   scripts/benchmarks.sh            # ~30 min on 2 cores the first time (peer installs, llama.cpp compile)
+#
+# Server level (`fastllm bench`, streamed chat, 1/2/4/8/16 clients): FastLLM fused fp32 and fused int4,
+# and llama.cpp's server (llama-cpp-python) on the same SmolLM2-135M Q4_1 GGUF. Engine level (single
+# stream, no HTTP): ours, ONNX Runtime GenAI, optimum's ORTModelForCausalLM, transformers' generate and
+# llama.cpp. Embeddings: FastLLM's server vs sentence-transformers on torch CPU. Every peer runs from its
+# own venv under .cache/peers/; none is a dependency of FastLLM. Nothing else should run meanwhile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup.sh all
+threads="${THREADS:-$(nproc)}"
+levels="${LEVELS:-1,2,4,8,16}"
+repeat="${REPEAT:-3}"
+max_tokens="${MAX_TOKENS:-128}"
+out=.cache/bench
+rm -rf "$out" && mkdir -p "$out"
+gguf="$(scripts/fetch_smollm2.sh)"
+minilm="$(scripts/fetch_minilm.sh)"
+
+# Exports are cached per version of the export code (as the tests' exports are).
+models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
+export_once() {
+  local name="$1"; shift
+  [ -f "$models/$name/fastllm.json" ] || fastllm export "$@" -o "$models/$name" --force --no-validate >&2
+}
+export_once smollm2-fused-fp32 "$gguf" --graph fused --name SmolLM2-135M-Instruct
+export_once smollm2-fused-int4 "$gguf" --graph fused --quantize int4 --name SmolLM2-135M-Instruct
+export_once minilm "$minilm" --name all-MiniLM-L6-v2
+
+echo "== peers' venvs" >&2
+scripts/peers/hf.sh
+hf_python=.cache/peers/hf/bin/python
+# shellcheck disable=SC1091
+source scripts/peers/venv.sh llamacpp "llama-cpp-python[server]==0.3.36"
+llama_python="$peer_python"
+
+wait_ready() {  # URL PID
+  for _ in $(seq 600); do
+    curl -sf "$1" > /dev/null && return 0
+    kill -0 "$2" 2> /dev/null || { echo "server $2 exited" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "no answer from $1" >&2; return 1
+}
+bench_server() {  # LABEL PORT ARGS... -- then the server command after "--"
+  local label="$1" port="$2"; shift 2
+  local args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
+  "$@" > "$out/server-$label.log" 2>&1 &
+  local pid=$!
+  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  echo "== $label" >&2
+  fastllm bench "http://127.0.0.1:$port/v1" --label "$label" --repeat "$repeat" "${args[@]}" \
+    --json "$out/server-$label.json" >&2
+  kill -TERM "$pid"; wait "$pid" || true
+}
+# llama.cpp's Python server ignores ignore_eos: banning SmolLM2's end tokens (<|endoftext|>, <|im_end|>)
+# by logit_bias makes every server answer max_tokens tokens.
+chat=(--concurrency "$levels" --requests 1 --max-tokens "$max_tokens" --ban-tokens 0,2)
+bench_server "FastLLM fused fp32" 8101 "${chat[@]}" -- \
+  fastllm serve --model "$models/smollm2-fused-fp32" --port 8101 --threads "$threads" --max-batch-size 16 \
+  --log-level warning
+bench_server "FastLLM fused int4" 8102 "${chat[@]}" -- \
+  fastllm serve --model "$models/smollm2-fused-int4" --port 8102 --threads "$threads" --max-batch-size 16 \
+  --log-level warning
+bench_server "llama.cpp server (Q4_1)" 8103 "${chat[@]}" -- scripts/peers/llamacpp_server.sh 8103 "$threads"
+bench_server "FastLLM MiniLM" 8104 --embeddings --concurrency 1,8,32 -- \
+  fastllm serve --model "$models/minilm" --port 8104 --threads "$threads" --log-level warning
+
+echo "== engine level" >&2
+python scripts/bench_engine.py "$models/smollm2-fused-fp32" "$models/smollm2-fused-int4" --threads "$threads" \
+  --streams 4,8 --repeat "$repeat" --json "$out/engine-fastllm.json" >&2
+peer() { local py="$1" name="$2"; shift 2; "$py" scripts/peers/bench_engines.py "$name" "$@" \
+  --threads "$threads" --repeat "$repeat" --json "$out/engine-$name.json" >&2; }
+peer "$hf_python" genai .cache/peers/genai-int4
+peer "$llama_python" llamacpp "$gguf"
+peer "$hf_python" optimum .cache/peers/smollm2-hf
+peer "$hf_python" transformers .cache/peers/smollm2-hf
+peer "$hf_python" sentence-transformers "$minilm"
+
+for py in python "$hf_python" "$llama_python"; do "$py" -m pip list --format json; done > "$out/versions.jsonl"
+python scripts/benchmarks_doc.py "$out" docs
+echo "wrote docs/benchmarks.md" >&2

@@ -1,0 +1,129 @@
+"""Write docs/benchmarks.md (+ .png, .json) from the results scripts/benchmarks.sh left in a folder.
+
+    python scripts/benchmarks_doc.py .cache/bench docs
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fastllm.bench.report import Report, markdown, plot, read_report, write_json
+
+PACKAGES = ["onnxruntime", "onnxruntime-genai", "llama_cpp_python", "optimum", "optimum-onnx", "transformers",
+            "torch", "sentence-transformers", "tokenizers", "uvicorn", "litestar"]
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}×" if a and b else "–"
+
+
+def _versions(path: Path) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        for package in json.loads(line):
+            name = package["name"].lower().replace("_", "-")
+            found.setdefault(name, package["version"])
+    return {p: found[p.lower().replace("_", "-")] for p in PACKAGES if p.lower().replace("_", "-") in found}
+
+
+def main() -> None:
+    results, docs = Path(sys.argv[1]), Path(sys.argv[2])
+    runs = [run for path in sorted(results.glob("server-*.json")) for run in read_report(path).runs]
+    report = Report.new(runs)
+    write_json(report, docs / "benchmarks.json")
+    plot(report, docs / "benchmarks.png")
+    by_label = {run.label: {lv.concurrency: lv for lv in run.levels} for run in runs}
+    ours = json.loads((results / "engine-fastllm.json").read_text())
+    peers = {p.stem.removeprefix("engine-"): json.loads(p.read_text()) for p in results.glob("engine-*.json")
+             if p.stem != "engine-fastllm"}
+    st = peers.pop("sentence-transformers", None)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+    def tok(label: str, clients: int) -> float | None:
+        level = by_label.get(label, {}).get(clients)
+        return level.tok_s if level else None
+
+    int4, fp32, llama = "FastLLM fused int4", "FastLLM fused fp32", "llama.cpp server (Q4_1)"
+    ours_int4 = next((r for r in ours if r["quantization"] == "int4"), None)
+    genai = peers.get("genai", {})
+    embed = by_label.get("FastLLM MiniLM", {})
+    st_32 = (st or {}).get("inputs_per_s", {}).get("32")
+    headline = [
+        "| comparison | measured | target |",
+        "|---|---|---|",
+        f"| server, 1 client: FastLLM int4 vs llama.cpp server | {_ratio(tok(int4, 1), tok(llama, 1))} "
+        f"({tok(int4, 1)} vs {tok(llama, 1)} tok/s) | ≥ 1.5× |",
+        f"| server, 8 clients: FastLLM int4 vs llama.cpp server | {_ratio(tok(int4, 8), tok(llama, 8))} "
+        f"({tok(int4, 8)} vs {tok(llama, 8)} tok/s) | ≥ 4× |",
+        f"| server, 8 clients: FastLLM fp32 vs llama.cpp server | {_ratio(tok(fp32, 8), tok(llama, 8))} "
+        f"({tok(fp32, 8)} vs {tok(llama, 8)} tok/s) | – |",
+        f"| engine, decode 1 stream: FastLLM fused int4 vs ONNX Runtime GenAI int4 | "
+        f"{_ratio(ours_int4 and ours_int4['decode_tok_s_1'], genai.get('decode_tok_s_1'))} "
+        f"({ours_int4 and ours_int4['decode_tok_s_1']} vs {genai.get('decode_tok_s_1')} tok/s) | ≥ 1× |",
+        f"| engine, prefill: ONNX Runtime GenAI vs FastLLM fused int4 (time ratio) | "
+        f"{_ratio(genai.get('prefill_ms'), ours_int4 and ours_int4['prefill_ms'])} "
+        f"({genai.get('prefill_ms')} vs {ours_int4 and ours_int4['prefill_ms']} ms) | ≥ 1× |",
+        f"| embeddings, batch 32: FastLLM server vs sentence-transformers | "
+        f"{_ratio(embed[32].tok_s if 32 in embed else None, st_32)} "
+        f"({embed[32].tok_s if 32 in embed else None} vs {st_32} inputs/s) | ≥ 1.5× |",
+    ]
+    engine = ["| engine | prefill ms | decode tok/s, 1 stream | 4 streams tok/s | 8 streams tok/s |",
+              "|---|---|---|---|---|"]
+    for row in ours:
+        agg = row["aggregate_tok_s"]
+        engine.append(f"| FastLLM engine, fused {row['quantization'] if row['quantization'] != 'none' else 'fp32'} "
+                      f"({row['weights_mb']} MB) | {row['prefill_ms']} | {row['decode_tok_s_1']} "
+                      f"| {agg.get('4', '–')} | {agg.get('8', '–')} |")
+    for key in ("genai", "llamacpp", "optimum", "transformers"):
+        if key in peers:
+            row = peers[key]
+            engine.append(f"| {row['engine']} | {row['prefill_ms']} | {row['decode_tok_s_1']} | – | – |")
+    embeddings = ["| engine | batch 1 inputs/s | batch 8 | batch 32 |", "|---|---|---|---|"]
+    if embed:
+        embeddings.append("| FastLLM server (HTTP included), MiniLM export | " +
+                          " | ".join(str(embed[b].tok_s) if b in embed else "–" for b in (1, 8, 32)) + " |")
+    if st:
+        embeddings.append(f"| {st['engine']} (no HTTP) | " +
+                          " | ".join(str(st['inputs_per_s'].get(str(b), '–')) for b in (1, 8, 32)) + " |")
+    versions = _versions(results / "versions.jsonl")
+    text = [
+        "# Benchmarks",
+        "",
+        "Written by `scripts/benchmarks.sh` (one command: exports, peer venvs, every server one at a time, then "
+        "this page). **Figures are comparable only within one run on one machine**: rerun it on yours.",
+        "",
+        f"- Machine: {report.machine.cpu}, **{report.machine.cores} cores**, {report.machine.system}, "
+        f"Python {report.machine.python}; run {report.created}, FastLLM commit {commit}.",
+        f"- Model: SmolLM2-135M-Instruct from the same Q4_1 GGUF for everyone; {ours[0]['prompt_tokens']}-token "
+        f"prompt and {ours[0]['new_tokens']} new tokens at engine level, greedy.",
+        "- Server level: `fastllm bench`, streamed chat completions, `max_tokens` fixed with `ignore_eos`, one "
+        "request per client per round (at least 4), medians of rounds after a warm-up request.",
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        "## Headlines",
+        "",
+        *headline,
+        "",
+        "## Server level: chat",
+        "",
+        "![throughput and latency against concurrency](benchmarks.png)",
+        "",
+        markdown(Report(machine=report.machine, created=report.created,
+                        runs=[r for r in runs if r.mode == "chat"])).split("\n", 2)[2],
+        "## Engine level (no HTTP), single stream unless stated",
+        "",
+        *engine,
+        "",
+        "## Embeddings (all-MiniLM-L6-v2)",
+        "",
+        *embeddings,
+        "",
+    ]
+    (docs / "benchmarks.md").write_text("\n".join(text))
+
+
+if __name__ == "__main__":
+    main()
