@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole comparison, one server at a time on this machine, written to docs/benchmarks.md (+ .png, .json):
-#   scripts/benchmarks.sh            # ~30 min on 2 cores the first time (peer installs, llama.cpp compile)
+#   scripts/benchmarks.sh            # ~45 min on 2 cores the first time (peer installs, llama.cpp compile)
+#   RESUME=1 scripts/benchmarks.sh   # keep the results already in .cache/bench, run only what is missing
 #
 # Server level (`fastllm bench`, streamed chat, 1/2/4/8/16 clients): FastLLM fused fp32 and fused int4,
 # and llama.cpp's server (llama-cpp-python) on the same SmolLM2-135M Q4_1 GGUF. Engine level (single
@@ -16,7 +17,8 @@ levels="${LEVELS:-1,2,4,8,16}"
 repeat="${REPEAT:-3}"
 max_tokens="${MAX_TOKENS:-128}"
 out=.cache/bench
-rm -rf "$out" && mkdir -p "$out"
+[ -n "${RESUME:-}" ] || rm -rf "$out"
+mkdir -p "$out"
 gguf="$(scripts/fetch_smollm2.sh)"
 minilm="$(scripts/fetch_minilm.sh)"
 
@@ -48,6 +50,7 @@ wait_ready() {  # URL PID
 bench_server() {  # LABEL PORT ARGS... -- then the server command after "--"
   local label="$1" port="$2"; shift 2
   local args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
+  [ -f "$out/server-$label.json" ] && return 0
   "$@" > "$out/server-$label.log" 2>&1 &
   local pid=$!
   wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
@@ -70,9 +73,11 @@ bench_server "FastLLM MiniLM" 8104 --embeddings --concurrency 1,8,32 -- \
   fastllm serve --model "$models/minilm" --port 8104 --threads "$threads" --log-level warning
 
 echo "== engine level" >&2
-python scripts/bench_engine.py "$models/smollm2-fused-fp32" "$models/smollm2-fused-int4" --threads "$threads" \
-  --streams 4,8 --repeat "$repeat" --json "$out/engine-fastllm.json" >&2
-peer() { local py="$1" name="$2"; shift 2; "$py" scripts/peers/bench_engines.py "$name" "$@" \
+[ -f "$out/engine-fastllm.json" ] || python scripts/bench_engine.py "$models/smollm2-fused-fp32" \
+  "$models/smollm2-fused-int4" --threads "$threads" --streams 4,8 --repeat "$repeat" \
+  --json "$out/engine-fastllm.json" >&2
+peer() { local py="$1" name="$2"; shift 2; [ -f "$out/engine-$name.json" ] && return 0
+  "$py" scripts/peers/bench_engines.py "$name" "$@" \
   --threads "$threads" --repeat "$repeat" --json "$out/engine-$name.json" >&2; }
 peer "$hf_python" genai .cache/peers/genai-int4
 peer "$llama_python" llamacpp "$gguf"

@@ -99,8 +99,9 @@ def main() -> None:
         f"Python {report.machine.python}; run {report.created}, FastLLM commit {commit}.",
         f"- Model: SmolLM2-135M-Instruct from the same Q4_1 GGUF for everyone; {ours[0]['prompt_tokens']}-token "
         f"prompt and {ours[0]['new_tokens']} new tokens at engine level, greedy.",
-        "- Server level: `fastllm bench`, streamed chat completions, `max_tokens` fixed with `ignore_eos`, one "
-        "request per client per round (at least 4), medians of rounds after a warm-up request.",
+        "- Server level: `fastllm bench`, streamed chat completions, `max_tokens` fixed with `ignore_eos` and end "
+        "tokens banned by `logit_bias`, one request per client per round (at least 4), medians of rounds after a "
+        "warm-up request.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         "## Headlines",

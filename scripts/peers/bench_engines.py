@@ -146,8 +146,9 @@ def bench_llamacpp(path: Path, threads: int) -> tuple[str, Stream, Callable[[str
         llm.reset()  # no prompt-cache reuse between rounds: every round pays its prefill
         chunks = llm.create_completion(prompt, max_tokens=new_tokens, temperature=0.0, stream=True,
                                        logit_bias={eos: -1e9})
-        for _ in chunks:
-            yield 0
+        for chunk in chunks:
+            if chunk["choices"][0]["finish_reason"] is None:  # the closing chunk carries no token
+                yield 0
 
     return f"llama.cpp (llama-cpp-python {llama_cpp.__version__}), the Q4_1 GGUF", stream, \
         lambda text: llm.tokenize(text.encode(), add_bos=False)
