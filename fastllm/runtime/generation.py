@@ -100,7 +100,7 @@ class GenerationEngine:
         self.stats = EngineStats()
         self._waiting: deque[_Pending] = deque()
         self._running: list[_Sequence] = []
-        self._cache = BatchCache(right_padded=decoder.right_padded)
+        self._cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
@@ -156,7 +156,7 @@ class GenerationEngine:
                 for pending in {id(s.request): s.request for s in self._running}.values():
                     pending.send(error)
                 self._running = []
-                self._cache = BatchCache(right_padded=self.decoder.right_padded)
+                self._cache = BatchCache(right_padded=self.decoder.right_padded, shared=self.decoder.shares_kv)
                 del exc
 
     def _iteration(self) -> None:
@@ -257,15 +257,20 @@ class GenerationEngine:
         tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
         positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
         mask = self._cache.next_mask()
-        out = self.decoder.forward(tokens, mask, positions, self._cache.past)
-        self._cache.step(out.present)
+        if self._cache.shared:
+            logits = self.decoder.forward_in_place(tokens, mask, self._cache.buffers())
+            self._cache.grew()
+        else:
+            out = self.decoder.forward(tokens, mask, positions, self._cache.past)
+            self._cache.step(out.present)
+            logits = out.logits
         self.stats.steps += 1
         self.stats.last_batch_size = len(self._running)
         by_request: dict[int, tuple[_Pending, list[Delta]]] = {}
         for row, seq in enumerate(self._running):
             seq.position += 1
             try:
-                delta = self._accept(seq, out.logits[row])
+                delta = self._accept(seq, logits[row])
             except Exception:
                 log.exception("sampling failed for a request to %s", self.name)
                 seq.finish_reason = "error"

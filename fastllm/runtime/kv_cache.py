@@ -11,6 +11,10 @@ Which side is padded depends on the graph:
 Rows join (after their prefill) and leave (when finished) between decode steps; each costs one copy
 of the cache, while a decode step itself costs none on our side (the graph returns the grown cache).
 Under IOBinding the arrays are device OrtValues between steps; a join or leave brings them to the host.
+
+With ``shared`` (fused graphs on the CPU) the arrays are buffers with spare columns, bound as both the
+past and the present of a step: GroupQueryAttention then writes each row's new key/value in place
+instead of copying the whole cache into a new present every step. Buffers grow by doubling.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ def _columns(array: Any) -> int:
 
 
 class BatchCache:
-    def __init__(self, *, right_padded: bool = False) -> None:
+    def __init__(self, *, right_padded: bool = False, shared: bool = False) -> None:
         self.right_padded = right_padded
+        self.shared = shared and right_padded
         self.past: list[Any] = []  # np.ndarray, or OrtValue on a device (see runtime.decoder)
         self.lengths = np.zeros(0, dtype=np.int64)  # real tokens per row
 
@@ -41,6 +46,8 @@ class BatchCache:
 
     @property
     def width(self) -> int:
+        if self.shared:  # buffers have spare columns; right padding makes the longest row the width
+            return int(self.lengths.max()) if self.rows else 0
         return _columns(self.past[0]) if self.past else 0
 
     def join(self, present: list[Any], lengths: Any, rows: list[int] | None = None) -> None:
@@ -58,7 +65,7 @@ class BatchCache:
             return
         width = max(self.width, new_len)
         self.past = [
-            np.concatenate([self._pad(_host(old), width), self._pad(_host(new), width)], axis=0)
+            np.concatenate([self._pad(_host(old)[:, :, : self.width], width), self._pad(_host(new), width)], axis=0)
             for old, new in zip(self.past, present, strict=True)
         ]
         self.lengths = np.concatenate([self.lengths, new_lengths])
@@ -87,6 +94,19 @@ class BatchCache:
     def step(self, present: list[Any]) -> None:
         """Adopt the graph's output after a decode step (every row grew by one real token)."""
         self.past = present
+        self.lengths = self.lengths + 1
+
+    def buffers(self) -> list[np.ndarray]:
+        """Shared mode: the buffers for the next step, with room for its token in every row."""
+        needed = self.width + 1
+        have = _columns(self.past[0])
+        if have < needed:
+            grown = max(needed, 2 * have)
+            self.past = [np.pad(p, ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
+        return self.past
+
+    def grew(self) -> None:
+        """Shared mode: the graph wrote one token per row into the buffers."""
         self.lengths = self.lengths + 1
 
     def _pad(self, array: np.ndarray, width: int) -> np.ndarray:
