@@ -264,6 +264,7 @@ def bench_command(base_url: str | None, model: str | None, label: str | None, ap
     from fastllm.bench.load import Target
     from fastllm.bench.report import Report, markdown, plot, read_report, write_json
     from fastllm.bench.runner import discover_model, sweep
+    from fastllm.bench.summary import LevelSummary
     from fastllm.errors import BenchError
 
     try:
@@ -279,11 +280,11 @@ def bench_command(base_url: str | None, model: str | None, label: str | None, ap
     runs = [run for path in merge_paths for run in read_report(path).runs]
     if base_url:
         base_url = base_url.rstrip("/")
-        model = model or discover_model(base_url, api_key)
-        target = Target(base_url=base_url, model=model, api_key=api_key, max_tokens=max_tokens,
+        target = Target(base_url=base_url, model=model or "", api_key=api_key, max_tokens=max_tokens,
                         ban_token_ids=banned)
+        target.model = target.model or discover_model(target)
 
-        def show(s: Any) -> None:
+        def show(s: LevelSummary) -> None:
             if embeddings:
                 click.echo(f"batch {s.concurrency:>3}: {s.tok_s:8.1f} inputs/s  e2e p50 {s.e2e_p50_ms} ms  "
                            f"errors {s.errors}/{s.requests}")
@@ -291,7 +292,7 @@ def bench_command(base_url: str | None, model: str | None, label: str | None, ap
                 click.echo(f"{s.concurrency:>3} clients: {s.tok_s:8.1f} tok/s  {s.req_s:6.2f} req/s  "
                            f"TTFT p50 {s.ttft_p50_ms} ms  ITL p50 {s.itl_p50_ms} ms  errors {s.errors}/{s.requests}")
 
-        runs.append(sweep(target, levels, label=label or model, repeat=repeat, max_seconds=max_seconds,
+        runs.append(sweep(target, levels, label=label or target.model, repeat=repeat, max_seconds=max_seconds,
                           requests=lambda level: 8 if embeddings else max(4, requests_per_client * level),
                           embeddings=embeddings, progress=show))
     elif not runs:

@@ -283,14 +283,14 @@ def test_shared_batch_cache_grows_buffers_and_keeps_rows_in_place() -> None:
     """Shared mode (fused graphs on the CPU): buffers carry spare columns the graph writes into."""
     cache = BatchCache(right_padded=True, shared=True)
     cache.join(_kv(3, 1.0), [3])
-    buffers = cache.buffers()
+    buffers = cache.next_past()
     assert buffers[0].shape[2] >= 4 and cache.width == 3
     buffers[0][0, :, 3] = 7.0  # what the graph does in place: the fed token's key at column 3
-    cache.grew()
+    cache.step(buffers)
     assert cache.width == 4 and cache.next_mask().tolist() == [[1] * 5]
     cache.join(_kv(2, 2.0), [2])  # the spare columns of the old buffers are not carried as real ones
     assert cache.width == 4 and cache.lengths.tolist() == [4, 2]
     assert np.all(cache.past[0][0, :, 3] == 7.0) and np.all(cache.past[0][1, :, :2] == 2.0)
-    assert cache.buffers()[0].shape[2] >= 5
+    assert cache.next_past()[0].shape[2] >= 5
     cache.keep([1])
     assert cache.width == 2 and cache.past[0].flags.c_contiguous

@@ -52,9 +52,8 @@ class RequestResult:
 
 @dataclass
 class LevelRun:
-    """One round at one concurrency: every request's result and the round's wall time."""
+    """One round at one level: every request's result and the round's wall time."""
 
-    concurrency: int
     wall: float
     results: list[RequestResult]
 
@@ -170,7 +169,7 @@ async def run_level(target: Target, concurrency: int, requests: int, max_seconds
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    return LevelRun(concurrency=concurrency, wall=wall, results=results)
+    return LevelRun(wall=wall, results=results)
 
 
 async def warm_up(target: Target, embed_batch: int = 0) -> RequestResult:

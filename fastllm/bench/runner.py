@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 import httpx
@@ -13,14 +12,12 @@ from fastllm.bench.report import BenchRun
 from fastllm.bench.summary import LevelSummary, summarise
 from fastllm.errors import BenchError
 
-log = logging.getLogger(__name__)
 
-
-def discover_model(base_url: str, api_key: str | None = None) -> str:
+def discover_model(target: Target) -> str:
     """The first id of ``/v1/models``: what a client would pick when told nothing."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base_url = target.base_url
     try:
-        response = httpx.get(f"{base_url}/models", headers=headers, timeout=30)
+        response = httpx.get(f"{base_url}/models", headers=target.headers(), timeout=30)
         response.raise_for_status()
         models = response.json()["data"]
     except (httpx.HTTPError, KeyError, ValueError) as exc:
@@ -42,12 +39,10 @@ def sweep(target: Target, levels: list[int], *, label: str, requests: Callable[[
         rounds: list[LevelRun] = []
         for _ in range(repeat):
             if embeddings:
-                run = asyncio.run(run_level(target, 1, requests(level), max_seconds, embed_batch=level))
-                run.concurrency = level
+                rounds.append(asyncio.run(run_level(target, 1, requests(level), max_seconds, embed_batch=level)))
             else:
-                run = asyncio.run(run_level(target, level, requests(level), max_seconds))
-            rounds.append(run)
-        summary = summarise(rounds)
+                rounds.append(asyncio.run(run_level(target, level, requests(level), max_seconds)))
+        summary = summarise(level, rounds)
         summaries.append(summary)
         if progress:
             progress(summary)

@@ -39,7 +39,8 @@ def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
 
 
-def summarise(rounds: list[LevelRun]) -> LevelSummary:
+def summarise(level: int, rounds: list[LevelRun]) -> LevelSummary:
+    """``level``: the clients (chat) or the batch size (embeddings) the rounds ran at."""
     results = [r for run in rounds for r in run.results]
     ok = [r for r in results if r.ok]
     errors = [r for r in results if not r.ok]
@@ -49,7 +50,7 @@ def summarise(rounds: list[LevelRun]) -> LevelSummary:
     per_round_req = [sum(r.ok for r in run.results) / run.wall for run in rounds if run.wall > 0]
     per_round_tok = [sum(r.tokens for r in run.results if r.ok) / run.wall for run in rounds if run.wall > 0]
     return LevelSummary(
-        concurrency=rounds[0].concurrency, requests=len(results), errors=len(errors),
+        concurrency=level, requests=len(results), errors=len(errors),
         req_s=round(statistics.median(per_round_req), 2) if per_round_req else 0.0,
         tok_s=round(statistics.median(per_round_tok), 1) if per_round_tok else 0.0,
         ttft_p50_ms=_ms(percentile(ttfts, 50)), ttft_p95_ms=_ms(percentile(ttfts, 95)),

@@ -257,20 +257,15 @@ class GenerationEngine:
         tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
         positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
         mask = self._cache.next_mask()
-        if self._cache.shared:
-            logits = self.decoder.forward_in_place(tokens, mask, self._cache.buffers())
-            self._cache.grew()
-        else:
-            out = self.decoder.forward(tokens, mask, positions, self._cache.past)
-            self._cache.step(out.present)
-            logits = out.logits
+        out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(), in_place=self._cache.shared)
+        self._cache.step(out.present)
         self.stats.steps += 1
         self.stats.last_batch_size = len(self._running)
         by_request: dict[int, tuple[_Pending, list[Delta]]] = {}
         for row, seq in enumerate(self._running):
             seq.position += 1
             try:
-                delta = self._accept(seq, logits[row])
+                delta = self._accept(seq, out.logits[row])
             except Exception:
                 log.exception("sampling failed for a request to %s", self.name)
                 seq.finish_reason = "error"

@@ -91,22 +91,20 @@ class BatchCache:
             return (columns[None, :] < (self.lengths + 1)[:, None]).astype(np.int64)
         return (columns[None, :] >= (width - self.lengths - 1)[:, None]).astype(np.int64)
 
-    def step(self, present: list[Any]) -> None:
-        """Adopt the graph's output after a decode step (every row grew by one real token)."""
-        self.past = present
-        self.lengths = self.lengths + 1
-
-    def buffers(self) -> list[np.ndarray]:
-        """Shared mode: the buffers for the next step, with room for its token in every row."""
-        needed = self.width + 1
-        have = _columns(self.past[0])
-        if have < needed:
-            grown = max(needed, 2 * have)
-            self.past = [np.pad(p, ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
+    def next_past(self) -> list[Any]:
+        """The past for the next decode step; in shared mode with room for its token in every row."""
+        if self.shared:
+            needed, have = self.width + 1, _columns(self.past[0])
+            if have < needed:
+                grown = max(needed, 2 * have)
+                self.past = [np.pad(p, ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
         return self.past
 
-    def grew(self) -> None:
-        """Shared mode: the graph wrote one token per row into the buffers."""
+    def step(self, present: list[Any]) -> None:
+        """After a decode step every row grew by one real token: adopt the graph's output as the cache,
+        unless the graph wrote into the shared buffers themselves."""
+        if not self.shared:
+            self.past = present
         self.lengths = self.lengths + 1
 
     def _pad(self, array: np.ndarray, width: int) -> np.ndarray:
