@@ -166,15 +166,25 @@ def test_io_binding_keeps_answers_identical(graph: str) -> None:
         # Left-padded graphs prefill one prompt per run (padding would shift their softmax sums).
         assert engine.decoder.batched_prefill == (graph == "fused")
 
-        async def one(ids: list[int], max_tokens: int) -> list[int]:
+        async def one(ids: list[int], max_tokens: int, started: asyncio.Event | None = None) -> list[int]:
             out: list[int] = []
             request = GenerationRequest(ids, SamplingParams(temperature=0.0), max_tokens=max_tokens, ignore_eos=True)
             async for deltas in engine.generate(request):
                 out += [t for d in deltas for t in d.token_ids]
+                if started is not None and len(out) >= 3:
+                    started.set()
             return out
 
-        async def together() -> list[list[int]]:  # different lengths: rows leave while others decode
-            return list(await asyncio.gather(*(one(p, 6 + 2 * i) for i, p in enumerate(prompts))))
+        async def late(started: asyncio.Event) -> list[int]:
+            await started.wait()
+            return await one(prompts[0][::-1], 8)
+
+        async def together() -> list[list[int]]:
+            # Different lengths: rows leave while others decode; and one request joins the running batch.
+            started = asyncio.Event()
+            first = one(prompts[0], 6, started)
+            rest = (one(p, 8 + 2 * i) for i, p in enumerate(prompts[1:]))
+            return list(await asyncio.gather(first, *rest, late(started)))
 
         try:
             return asyncio.run(together())

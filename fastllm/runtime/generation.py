@@ -304,3 +304,5 @@ class GenerationEngine:
         rows = {id(s): i for i, s in enumerate(self._running)}
         self._cache.keep([rows[id(s)] for s in keep])
         self._running = keep
+        if not keep:
+            self.decoder.release()
