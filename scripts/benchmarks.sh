@@ -73,17 +73,21 @@ bench_server "FastLLM MiniLM" 8104 --embeddings --concurrency 1,8,32 -- \
   fastllm serve --model "$models/minilm" --port 8104 --threads "$threads" --log-level warning
 
 echo "== engine level" >&2
-[ -f "$out/engine-fastllm.json" ] || python scripts/bench_engine.py "$models/smollm2-fused-fp32" \
-  "$models/smollm2-fused-int4" --threads "$threads" --streams 4,8 --repeat "$repeat" \
-  --json "$out/engine-fastllm.json" >&2
-peer() { local py="$1" name="$2"; shift 2; [ -f "$out/engine-$name.json" ] && return 0
+# This machine's speed drifts by ±15% over minutes, so the head-to-head rows run interleaved, ENGINE_ROUNDS
+# times (ours, GenAI, llama.cpp, ours, ...), and the page shows each row's median over the rounds.
+peer() { local py="$1" name="$2" round="$3"; shift 3; [ -f "$out/engine-$name.$round.json" ] && return 0
   "$py" scripts/peers/bench_engines.py "$name" "$@" \
-  --threads "$threads" --repeat "$repeat" --json "$out/engine-$name.json" >&2; }
-peer "$hf_python" genai .cache/peers/genai-int4
-peer "$llama_python" llamacpp "$gguf"
-peer "$hf_python" optimum .cache/peers/smollm2-hf
-peer "$hf_python" transformers .cache/peers/smollm2-hf
-peer "$hf_python" sentence-transformers "$minilm"
+  --threads "$threads" --repeat "$repeat" --json "$out/engine-$name.$round.json" >&2; }
+for round in $(seq "${ENGINE_ROUNDS:-3}"); do
+  [ -f "$out/engine-fastllm.$round.json" ] || python scripts/bench_engine.py "$models/smollm2-fused-fp32" \
+    "$models/smollm2-fused-int4" --threads "$threads" --streams 4,8 --repeat "$repeat" \
+    --json "$out/engine-fastllm.$round.json" >&2
+  peer "$hf_python" genai "$round" .cache/peers/genai-int4
+  peer "$llama_python" llamacpp "$round" "$gguf"
+done
+peer "$hf_python" optimum 1 .cache/peers/smollm2-hf
+peer "$hf_python" transformers 1 .cache/peers/smollm2-hf
+peer "$hf_python" sentence-transformers 1 "$minilm"
 
 for py in python "$hf_python" "$llama_python"; do "$py" -m pip list --format json; done > "$out/versions.jsonl"
 python scripts/benchmarks_doc.py "$out" docs
