@@ -21,7 +21,9 @@ import numpy as np
 from bench_text import TEXT
 
 from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.generation import GenerationEngine, GenerationRequest
+from fastllm.runtime.kv_cache import BatchCache
 from fastllm.runtime.models import load_model
 from fastllm.runtime.sampling import SamplingParams
 
@@ -37,6 +39,22 @@ async def _stream(engine: GenerationEngine, request: GenerationRequest) -> tuple
         last = now
         tokens += sum(len(d.token_ids) for d in deltas)
     return first, last, tokens
+
+
+def _decoder_loop(decoder: Decoder, prompt: list[int], new_tokens: int) -> float:
+    """Tokens/s of a bare greedy decode loop after one prefill (the same cache and binding the engine uses)."""
+    out = decoder.prefill([prompt])
+    cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
+    cache.join(out.present, [len(prompt)])
+    token = np.argmax(out.logits, axis=-1)[:, None]
+    position = np.asarray([[len(prompt)]], dtype=np.int64)
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        step = decoder.forward(token, cache.next_mask(), position, cache.next_past(), in_place=cache.shared)
+        cache.step(step.present)
+        token, position = np.argmax(step.logits, axis=-1)[:, None], position + 1
+    decoder.release()
+    return (new_tokens - 1) / (time.perf_counter() - start)
 
 
 def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int], repeat: int,
@@ -63,6 +81,10 @@ def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int],
         decoder.forward(ids, np.ones_like(ids), positions, decoder.empty_past(1))
         if i:
             prefill.append((time.perf_counter() - start) * 1000)
+
+    # The decoder alone, greedy, in this thread: what the graph and ONNX Runtime give, without the engine's
+    # thread, queues and per-token hand-off to asyncio (the figure to set beside a C++ loop's).
+    loop = [_decoder_loop(decoder, prompt, new_tokens) for _ in range(repeat)]
 
     asyncio.run(_stream(engine, request()))  # warm-up
     single = []
@@ -95,6 +117,7 @@ def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int],
         "dtype": model.manifest.dtype, "weights_mb": round(weights / 1e6), "prompt_tokens": len(prompt),
         "new_tokens": new_tokens, "prefill_ms": round(statistics.median(prefill), 1),
         "decode_tok_s_1": round(statistics.median(single), 1),
+        "decoder_loop_tok_s_1": round(statistics.median(loop), 1),
         "aggregate_tok_s": {str(n): round(v, 1) for n, v in aggregate.items()},
         "decode_tok_s": {str(n): round(v, 1) for n, v in decoding.items()},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads": threads or "physical cores",
@@ -113,12 +136,13 @@ def main() -> None:
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     results = [bench(m, args.prompt_tokens, args.new_tokens, streams, args.repeat, args.threads) for m in args.models]
-    print("| model | weights MB | prefill ms | decode tok/s, 1 stream | " +
+    print("| model | weights MB | prefill ms | decode tok/s, 1 stream (decoder loop alone) | " +
           " | ".join(f"{n} streams tok/s (decoding)" for n in streams) + " |")
     print("|---|---|---|---|" + "---|" * len(streams))
     for r in results:
         agg, dec = r["aggregate_tok_s"], r["decode_tok_s"]
-        print(f"| {r['model']} | {r['weights_mb']} | {r['prefill_ms']} | {r['decode_tok_s_1']} | " +
+        print(f"| {r['model']} | {r['weights_mb']} | {r['prefill_ms']} | "
+              f"{r['decode_tok_s_1']} ({r['decoder_loop_tok_s_1']}) | " +
               " | ".join(f"{agg[str(n)]} ({dec[str(n)]})" for n in streams) + " |")  # type: ignore[index]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
