@@ -17,13 +17,11 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 from bench_text import TEXT
 
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.runtime.decoder import Decoder
-from fastllm.runtime.generation import GenerationEngine, GenerationRequest
-from fastllm.runtime.kv_cache import BatchCache
+from fastllm.runtime.generation import GenerationEngine, GenerationRequest, greedy_tokens
 from fastllm.runtime.models import load_model
 from fastllm.runtime.sampling import SamplingParams
 
@@ -42,19 +40,15 @@ async def _stream(engine: GenerationEngine, request: GenerationRequest) -> tuple
 
 
 def _decoder_loop(decoder: Decoder, prompt: list[int], new_tokens: int) -> float:
-    """Tokens/s of a bare greedy decode loop after one prefill (the same cache and binding the engine uses)."""
-    out = decoder.prefill([prompt])
-    cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
-    cache.join(out.present, [len(prompt)])
-    token = np.argmax(out.logits, axis=-1)[:, None]
-    position = np.asarray([[len(prompt)]], dtype=np.int64)
+    """Tokens/s of a bare greedy loop after its prefill: the engine's decoder and cache code, no engine thread."""
+    tokens = greedy_tokens(decoder, prompt)
+    next(tokens)  # prefill and the first token
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        step = decoder.forward(token, cache.next_mask(), position, cache.next_past(), in_place=cache.shared)
-        cache.step(step.present)
-        token, position = np.argmax(step.logits, axis=-1)[:, None], position + 1
-    decoder.release()
-    return (new_tokens - 1) / (time.perf_counter() - start)
+        next(tokens)
+    rate = (new_tokens - 1) / (time.perf_counter() - start)
+    tokens.close()
+    return rate
 
 
 def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int], repeat: int,
@@ -73,12 +67,10 @@ def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int],
         return GenerationRequest(ids, greedy, max_tokens=new_tokens, ignore_eos=True)
 
     decoder = engine.decoder
-    ids = np.asarray([prompt], dtype=np.int64)
-    positions = np.arange(len(prompt), dtype=np.int64)[None, :]
     prefill = []
     for i in range(repeat + 1):
         start = time.perf_counter()
-        decoder.forward(ids, np.ones_like(ids), positions, decoder.empty_past(1))
+        decoder.prefill([prompt])
         if i:
             prefill.append((time.perf_counter() - start) * 1000)
 

@@ -8,6 +8,7 @@ so users choose a quantization by evidence.
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 from fastllm.errors import ExportError
 from fastllm.manifest import Manifest, Quality
 from fastllm.runtime.decoder import Decoder
-from fastllm.runtime.kv_cache import BatchCache
+from fastllm.runtime.generation import greedy_tokens
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +36,11 @@ QUALITY_TEXT = (
 
 def greedy_onnx(decoder: Decoder, prompt: list[int], new_tokens: int, eos: set[int]) -> list[int]:
     """Greedy decoding through the same Decoder and cache code the server runs."""
-    out = decoder.prefill([prompt])
-    cache = BatchCache(right_padded=decoder.right_padded)
-    cache.join(out.present, [len(prompt)])
     tokens: list[int] = []
-    position = len(prompt)
-    for _ in range(new_tokens):
-        token = int(np.argmax(out.logits[0]))
+    for token in islice(greedy_tokens(decoder, prompt), new_tokens):
         tokens.append(token)
         if token in eos:
             break
-        mask = cache.next_mask()
-        out = decoder.forward(np.asarray([[token]]), mask, np.asarray([[position]]), cache.past)
-        cache.step(out.present)
-        position += 1
     return tokens
 
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +28,26 @@ from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from fastllm.tokenization.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def greedy_tokens(decoder: Decoder, prompt: list[int]) -> Iterator[int]:
+    """Greedy tokens of one prompt, until the caller stops: the engine's decoder and cache code (shared KV
+    buffers included) without its thread. Export validation checks exports with it; the engine benchmark
+    times it beside the engine."""
+    out = decoder.prefill([prompt])
+    cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
+    cache.join(out.present, [len(prompt)])
+    position = np.asarray([[len(prompt)]], dtype=np.int64)
+    try:
+        while True:
+            token = int(np.argmax(out.logits[0]))
+            yield token
+            out = decoder.forward(np.asarray([[token]], dtype=np.int64), cache.next_mask(), position,
+                                  cache.next_past(), in_place=cache.shared)
+            cache.step(out.present)
+            position = position + 1
+    finally:
+        decoder.release()
 
 
 @dataclass
