@@ -14,7 +14,7 @@ from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import ExportError
 from fastllm.export.pipeline import ExportOptions, export
 from fastllm.manifest import read_manifest
-from fastllm.runtime.generation import GenerationRequest
+from fastllm.runtime.generation import GenerationEngine, GenerationRequest
 from fastllm.runtime.models import ServedModel, load_model
 from fastllm.runtime.sampling import SamplingParams
 
@@ -69,6 +69,18 @@ def _answers(model: ServedModel, together: bool) -> list[str]:
     return asyncio.run(run())
 
 
+async def _greedy_ids(engine: GenerationEngine, ids: list[int], max_tokens: int,
+                     started: asyncio.Event | None = None) -> list[int]:
+    """One greedy request's token ids, end tokens ignored; ``started`` is set once it has three."""
+    tokens: list[int] = []
+    request = GenerationRequest(ids, SamplingParams(temperature=0.0), max_tokens=max_tokens, ignore_eos=True)
+    async for deltas in engine.generate(request):
+        tokens += [t for d in deltas for t in d.token_ids]
+        if started is not None and len(tokens) >= 3:
+            started.set()
+    return tokens
+
+
 def _load(folder: Path) -> ServedModel:
     return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(max_batch_size=8), Path("models"))
 
@@ -116,18 +128,11 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
     assert engine is not None
     prompts = [[(7 * i + j) % 50 + 5 for j in range(3 + 2 * i)] for i in range(6)]
 
-    async def one(ids: list[int]) -> list[int]:
-        tokens: list[int] = []
-        request = GenerationRequest(ids, SamplingParams(temperature=0.0), max_tokens=12, ignore_eos=True)
-        async for deltas in engine.generate(request):
-            tokens += [t for d in deltas for t in d.token_ids]
-        return tokens
-
     async def solo() -> list[list[int]]:
-        return [await one(p) for p in prompts]
+        return [await _greedy_ids(engine, p, 12) for p in prompts]
 
     async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(one(p) for p in prompts)))
+        return list(await asyncio.gather(*(_greedy_ids(engine, p, 12) for p in prompts)))
 
     try:
         alone = asyncio.run(solo())
@@ -166,24 +171,15 @@ def test_io_binding_keeps_answers_identical(graph: str) -> None:
         # Left-padded graphs prefill one prompt per run (padding would shift their softmax sums).
         assert engine.decoder.batched_prefill == (graph == "fused")
 
-        async def one(ids: list[int], max_tokens: int, started: asyncio.Event | None = None) -> list[int]:
-            out: list[int] = []
-            request = GenerationRequest(ids, SamplingParams(temperature=0.0), max_tokens=max_tokens, ignore_eos=True)
-            async for deltas in engine.generate(request):
-                out += [t for d in deltas for t in d.token_ids]
-                if started is not None and len(out) >= 3:
-                    started.set()
-            return out
-
         async def late(started: asyncio.Event) -> list[int]:
             await started.wait()
-            return await one(prompts[0][::-1], 8)
+            return await _greedy_ids(engine, prompts[0][::-1], 8)
 
         async def together() -> list[list[int]]:
             # Different lengths: rows leave while others decode; and one request joins the running batch.
             started = asyncio.Event()
-            first = one(prompts[0], 6, started)
-            rest = (one(p, 8 + 2 * i) for i, p in enumerate(prompts[1:]))
+            first = _greedy_ids(engine, prompts[0], 6, started)
+            rest = (_greedy_ids(engine, p, 8 + 2 * i) for i, p in enumerate(prompts[1:]))
             return list(await asyncio.gather(first, *rest, late(started)))
 
         try:
@@ -208,15 +204,8 @@ def test_cuda_generation_binds_the_cache_on_the_device_and_matches_cpu(graph: st
         engine = model.generator
         assert engine is not None
 
-        async def run() -> list[int]:
-            out: list[int] = []
-            request = GenerationRequest(prompt, SamplingParams(temperature=0.0), max_tokens=16, ignore_eos=True)
-            async for deltas in engine.generate(request):
-                out += [t for d in deltas for t in d.token_ids]
-            return out
-
         try:
-            return asyncio.run(run()), engine.decoder.binding_device
+            return asyncio.run(_greedy_ids(engine, prompt, 16)), engine.decoder.binding_device
         finally:
             model.close()
 
