@@ -1,7 +1,10 @@
 """`fastllm bundle`: a Docker build context and Kubernetes manifests for one exported model.
 
-The image installs only ``fastllm[serve]`` (or ``fastllm[gpu]`` on a CUDA base), never torch, so it
-stays a fraction of the size of a PyTorch serving image. FastLLM itself is copied into the context as
+The image installs only ``fastllm[serve]`` (or ``fastllm[gpu]``), never torch, so it stays a fraction of
+the size of a PyTorch serving image. Both start from the same slim Python base: ``fastllm[gpu]`` brings
+the CUDA and cuDNN libraries of onnxruntime-gpu's own CUDA major as pip packages, so they cannot disagree
+with it the way a CUDA base image pinned here would (onnxruntime-gpu moved from CUDA 12 to 13), and the
+NVIDIA container runtime adds the driver. FastLLM itself is copied into the context as
 source and installed from there, so a bundle builds the exact version that made it, offline from PyPI
 for everything but the serve dependencies.
 """
@@ -17,28 +20,26 @@ from fastllm.errors import FastLLMError, OutputExistsError
 from fastllm.manifest import read_manifest
 
 PORT = 3000
-CPU_BASE = "python:3.11-slim-bookworm"
-GPU_BASE = "nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04"
+BASE = "python:3.11-slim-bookworm"
 
 _DOCKERFILE = Template("""\
 # syntax=docker/dockerfile:1
 # Built by `fastllm bundle`: serves $model_id with ONNX Runtime ($flavour), no torch inside.
 FROM $base AS build
-$python_setup
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # The venv gets no pip of its own (24 MB saved): the base image's pip installs into it.
 RUN python3 -m venv --without-pip /opt/venv
 COPY fastllm-src /src
 RUN python3 -m pip --python /opt/venv/bin/python install --no-cache-dir "/src[$extra]"
 
 FROM $base
-$python_runtime
 RUN useradd --create-home --uid 10001 fastllm
 COPY --from=build /opt/venv /opt/venv
 COPY --chown=fastllm:fastllm model /models/$folder
 ENV PATH=/opt/venv/bin:$$PATH \\
     PYTHONUNBUFFERED=1 \\
     FASTLLM_SERVER__HOST=0.0.0.0 \\
-    FASTLLM_SERVER__PORT=$port
+    FASTLLM_SERVER__PORT=$port$gpu_env
 USER fastllm
 WORKDIR /home/fastllm
 EXPOSE $port
@@ -47,11 +48,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \\
 CMD ["fastllm", "serve", "--model", "/models/$folder"]
 """)
 
-_CPU_SETUP = "ENV PIP_DISABLE_PIP_VERSION_CHECK=1"
-_GPU_SETUP = ("RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \\\n"
-              "    && rm -rf /var/lib/apt/lists/*\nENV PIP_DISABLE_PIP_VERSION_CHECK=1")
-_GPU_RUNTIME = ("RUN apt-get update && apt-get install -y --no-install-recommends python3 \\\n"
-                "    && rm -rf /var/lib/apt/lists/*")
+# What the NVIDIA container runtime reads to mount the driver and the device into the container.
+_GPU_ENV = " \\\n    NVIDIA_VISIBLE_DEVICES=all \\\n    NVIDIA_DRIVER_CAPABILITIES=compute,utility"
 
 _DOCKERIGNORE = """\
 **/__pycache__
@@ -159,8 +157,7 @@ def bundle(model_dir: Path, output: Path, *, gpu: bool = False, force: bool = Fa
     name = _k8s_name(manifest.name)
     image = image or f"{name}:latest"
     (output / "Dockerfile").write_text(_DOCKERFILE.substitute(
-        model_id=manifest.name, flavour="CUDA" if gpu else "CPU", base=GPU_BASE if gpu else CPU_BASE,
-        python_setup=_GPU_SETUP if gpu else _CPU_SETUP, python_runtime=_GPU_RUNTIME if gpu else "",
+        model_id=manifest.name, flavour="CUDA" if gpu else "CPU", base=BASE, gpu_env=_GPU_ENV if gpu else "",
         extra="gpu" if gpu else "serve", folder=folder, port=PORT,
     ))
     (output / ".dockerignore").write_text(_DOCKERIGNORE)

@@ -52,9 +52,9 @@ def _decoder_loop(decoder: Decoder, prompt: list[int], new_tokens: int) -> float
 
 
 def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int], repeat: int,
-          threads: int) -> dict[str, object]:
-    model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=threads, max_batch_size=max(streams)),
-                       Path("models"))
+          threads: int, providers: str | list[str] = "auto") -> dict[str, object]:
+    runtime = RuntimeConfig(threads=threads, max_batch_size=max(streams), providers=providers)
+    model = load_model(ModelConfig(model_id=str(folder)), runtime, Path("models"))
     engine = model.generator
     if engine is None:
         raise SystemExit(f"{folder} is not a text-generation model")
@@ -106,7 +106,8 @@ def bench(folder: Path, prompt_tokens: int, new_tokens: int, streams: list[int],
     model.close()
     return {
         "model": model.id, "folder": str(folder), "quantization": model.manifest.quantization,
-        "dtype": model.manifest.dtype, "weights_mb": round(weights / 1e6), "prompt_tokens": len(prompt),
+        "dtype": model.manifest.dtype, "provider": decoder.provider, "weights_mb": round(weights / 1e6),
+        "prompt_tokens": len(prompt),
         "new_tokens": new_tokens, "prefill_ms": round(statistics.median(prefill), 1),
         "decode_tok_s_1": round(statistics.median(single), 1),
         "decoder_loop_tok_s_1": round(statistics.median(loop), 1),
@@ -124,16 +125,20 @@ def main() -> None:
     parser.add_argument("--streams", default="4,8")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--providers", default="auto",
+                        help='"auto" (CUDA, then CoreML, then CPU) or a comma-separated list of providers')
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    results = [bench(m, args.prompt_tokens, args.new_tokens, streams, args.repeat, args.threads) for m in args.models]
-    print("| model | weights MB | prefill ms | decode tok/s, 1 stream (decoder loop alone) | " +
+    providers = "auto" if args.providers == "auto" else args.providers.split(",")
+    results = [bench(m, args.prompt_tokens, args.new_tokens, streams, args.repeat, args.threads, providers)
+               for m in args.models]
+    print("| model | provider | weights MB | prefill ms | decode tok/s, 1 stream (decoder loop alone) | " +
           " | ".join(f"{n} streams tok/s (decoding)" for n in streams) + " |")
-    print("|---|---|---|---|" + "---|" * len(streams))
+    print("|---|---|---|---|---|" + "---|" * len(streams))
     for r in results:
         agg, dec = r["aggregate_tok_s"], r["decode_tok_s"]
-        print(f"| {r['model']} | {r['weights_mb']} | {r['prefill_ms']} | "
+        print(f"| {r['model']} | {r['provider']} | {r['weights_mb']} | {r['prefill_ms']} | "
               f"{r['decode_tok_s_1']} ({r['decoder_loop_tok_s_1']}) | " +
               " | ".join(f"{agg[str(n)]} ({dec[str(n)]})" for n in streams) + " |")  # type: ignore[index]
     if args.json:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -62,10 +63,17 @@ def test_kubernetes_manifests_probe_ready_and_health(cpu_bundle: Path) -> None:
     assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
 
 
-def test_gpu_bundle_uses_cuda_base_and_onnxruntime_gpu(smollm2_fp32: Path, tmp_path: Path) -> None:
+def test_gpu_bundle_installs_onnxruntime_gpu_with_its_own_cuda_libraries(smollm2_fp32: Path, tmp_path: Path) -> None:
+    """No CUDA base image to fall out of step with onnxruntime-gpu's CUDA major: the gpu extra brings CUDA
+    and cuDNN as pip packages, and the NVIDIA container runtime mounts the driver."""
     result = bundle(smollm2_fp32, tmp_path / "gpu", gpu=True, image="registry.example/smol:1")
     dockerfile = (result.output / "Dockerfile").read_text()
-    assert "nvidia/cuda" in dockerfile and '"/src[gpu]"' in dockerfile
+    assert '"/src[gpu]"' in dockerfile and "nvidia/cuda" not in dockerfile
+    assert "NVIDIA_VISIBLE_DEVICES=all" in dockerfile and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in dockerfile
+    extras = tomllib.loads((result.output / "fastllm-src" / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(r.startswith("onnxruntime-gpu[cuda,cudnn]") for r in extras["gpu"])
+    assert not any(r.startswith("onnxruntime>") for r in extras["gpu"])
     deployment = next(yaml.safe_load_all((result.output / "kubernetes.yaml").read_text()))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example/smol:1"

@@ -26,7 +26,16 @@ FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma"})
 # with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
 _INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_block_size": "32", "int4_op_types_to_quantize": "MatMul/Gather",
                  "int4_algo_config": "rtn", "shared_embeddings": "true"}
-_PRECISION = {("fp32", "none"): "fp32", ("fp32", "int4"): "int4", ("fp16", "none"): "fp16"}
+# int4 for GPUs (--dtype fp16 --quantize int4): fp16 activations, because CUDA's GroupQueryAttention has
+# no fp32 kernel (an fp32 graph would run its attention on the CPU, copying the cache every step).
+_GPU_INT4_OPTIONS = {"int4_block_size": "32", "int4_algo_config": "rtn"}
+# (dtype, quantize) -> (builder precision, the execution provider the builder targets)
+_PRECISION = {
+    ("fp32", "none"): ("fp32", "cpu"),
+    ("fp32", "int4"): ("int4", "cpu"),
+    ("fp16", "none"): ("fp16", "cuda"),
+    ("fp16", "int4"): ("int4", "cuda"),
+}
 
 
 def supported(model_type: str, dtype: str, quantization: str) -> bool:
@@ -39,23 +48,25 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
         from onnxruntime_genai.models.builder import create_model
     except ImportError as exc:
         raise MissingExtraError("export", exc.name or "onnxruntime_genai") from None
-    precision = _PRECISION.get((dtype, quantization))
-    if precision is None:
+    target = _PRECISION.get((dtype, quantization))
+    if target is None:
         raise ExportError(f"--graph fused supports fp32, fp16 and int4, not dtype={dtype} quantize={quantization}")
+    precision, provider = target
     checkpoint = staging / ".checkpoint"
     built = staging / ".fused"
     try:
         # The builder reads a transformers folder; GGUF and in-memory fixes (tokenizer) go through one.
         model.save_pretrained(checkpoint)
         tokenizer.save_pretrained(checkpoint)
-        options = _INT4_OPTIONS if precision == "int4" else {}
-        create_model(model.config.model_type, str(checkpoint), str(built), precision,
-                     "cuda" if precision == "fp16" else "cpu", str(staging / ".builder-cache"), **options)
+        options = {} if precision != "int4" else _INT4_OPTIONS if provider == "cpu" else _GPU_INT4_OPTIONS
+        create_model(model.config.model_type, str(checkpoint), str(built), precision, provider,
+                     str(staging / ".builder-cache"), **options)
         for name in ("model.onnx", "model.onnx.data"):
             if (built / name).is_file():
                 shutil.move(built / name, staging / name)
         config = json.loads((built / "genai_config.json").read_text())
-        log.info("fused graph built (%s, %s)", precision, config["model"]["decoder"]["session_options"])
+        log.info("fused graph built (%s for %s, %s)", precision, provider,
+                 config["model"]["decoder"]["session_options"])
     except (ValueError, KeyError, NotImplementedError, AssertionError) as exc:
         raise ExportError(f"the GenAI builder could not build a fused graph: {exc}") from None
     finally:

@@ -48,9 +48,13 @@ class ExportOptions:
 def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
     if options.name:
         return options.models_dir / Path(options.name).name
-    name = Path(checkpoint.name).name
-    suffix = options.quantize if options.quantize != "none" else (options.dtype if options.dtype != "fp32" else "")
-    return options.models_dir / (f"{name}-{suffix}" if suffix else name)
+    return options.models_dir / (Path(checkpoint.name).name + _variant(options))
+
+
+def _variant(options: ExportOptions) -> str:
+    """The name suffix: "-int4", "-fp16", or "-fp16-int4" (the fused int4 graph for GPUs, beside the CPU's)."""
+    parts = [options.dtype if options.dtype != "fp32" else "", options.quantize if options.quantize != "none" else ""]
+    return "".join(f"-{part}" for part in parts if part)
 
 
 def export(options: ExportOptions) -> Path:
@@ -149,8 +153,10 @@ def _check_dtype(options: ExportOptions) -> None:
             "bf16 ONNX graphs have no kernels for most operators in ONNX Runtime's CPU and CUDA providers; "
             "use --dtype fp16 for GPUs or --quantize int4 for CPUs"
         )
-    if options.dtype == "fp16" and options.quantize != "none":
-        raise ExportError("--dtype fp16 and --quantize cannot be combined; int4/int8 keep fp32 activations")
+    gpu_int4 = (options.graph, options.quantize) == ("fused", "int4")
+    if options.dtype == "fp16" and options.quantize != "none" and not gpu_int4:
+        raise ExportError("--dtype fp16 and --quantize cannot be combined, except --graph fused --quantize int4 "
+                          "(int4 for GPUs); optimum's int4/int8 graphs keep fp32 activations")
     if options.dtype == "fp16":
         log.warning("fp16 pays off on GPUs (CUDA, CoreML); on CPUs ONNX Runtime runs fp16 graphs slower than fp32 "
                     "and --quantize int4 is the faster choice")
@@ -249,10 +255,7 @@ def _manifest(options: ExportOptions, checkpoint: sources.Checkpoint, model: Any
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
         eos.append(tokenizer.eos_token_id)
     probe = tokenizer("a")["input_ids"]
-    name = checkpoint.name
-    if options.quantize != "none" or options.dtype != "fp32":
-        name = f"{name}-{options.quantize if options.quantize != 'none' else options.dtype}"
-    name = options.name or name
+    name = options.name or checkpoint.name + _variant(options)
     return Manifest(
         name=name,
         source=checkpoint.source,

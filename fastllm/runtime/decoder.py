@@ -12,6 +12,7 @@ buffer as both past and present instead, and attention writes the new keys/value
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import onnxruntime as ort
 from fastllm.errors import ModelLoadError
 from fastllm.manifest import Manifest
 from fastllm.runtime.providers import create_session
+
+log = logging.getLogger(__name__)
 
 # Where a provider keeps its outputs when bound: IOBinding device names.
 _DEVICES = {"CUDAExecutionProvider": "cuda", "ROCMExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}
@@ -67,6 +70,11 @@ class Decoder:
         self.has_position_ids = "position_ids" in inputs
         first = inputs[self.past_names[0]]
         self.kv_dtype = _ORT_TO_NUMPY.get(first.type, np.float32)
+        if manifest.graph == "fused" and self.provider in _DEVICES and first.type == "tensor(float)":
+            # ONNX Runtime places the attention on the CPU then, and copies the cache there and back each step.
+            log.warning("%s is a fused fp32 graph: %s has no fp32 GroupQueryAttention kernel, so attention runs on "
+                        "the CPU; export with --graph fused --dtype fp16 [--quantize int4] for GPUs",
+                        folder.name, self.provider)
         self.num_kv_heads = manifest.num_kv_heads or int(first.shape[1])
         self.head_dim = manifest.head_dim or int(first.shape[3])
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")

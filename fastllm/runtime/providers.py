@@ -7,6 +7,9 @@ model it cannot compile), and there we fall back to the next provider and say so
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -101,6 +104,30 @@ def _option_values(options: dict[str, Any]) -> dict[str, Any]:
             for key, value in options.items()}
 
 
+@functools.cache
+def load_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries that ``onnxruntime-gpu[cuda,cudnn]`` installs as pip packages.
+
+    The dynamic loader does not search site-packages, so without this the CUDA provider finds them only
+    where a system CUDA of the same major is on the library path. ``preload_dlls`` (onnxruntime 1.21+)
+    loads them by path and falls back to the loader's own search; it prints what it misses, which goes
+    to our log instead of stdout. Once per process: loading twice is harmless but slow.
+    """
+    import onnxruntime as ort
+
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # a broken CUDA install must not stop a CPU fallback
+        log.warning("loading CUDA libraries failed: %s", exc)
+    if printed.getvalue().strip():
+        log.warning("loading CUDA libraries: %s", " ".join(printed.getvalue().split()))
+
+
 def create_session(
     model_path: Path,
     *,
@@ -112,6 +139,8 @@ def create_session(
     import onnxruntime as ort
 
     candidates = choose_providers(requested, ort.get_available_providers())
+    if "CUDAExecutionProvider" in candidates:
+        load_cuda_libraries()
     provider_options = provider_options or {}
     errors: list[str] = []
     for index, provider in enumerate(candidates):
