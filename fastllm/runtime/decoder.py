@@ -39,7 +39,7 @@ class _SharedBinding:
     """A binding kept across decode steps while the cache keeps its buffers: rebinding 60 buffers and the
     logits every step cost about 1.5 ms of a 12 ms step (SmolLM2 int4, 2 cores)."""
 
-    past: list[np.ndarray]  # the cache's list of buffers; a new list means they were reallocated
+    past: list[KV]  # the cache's list of buffers; a new list means they were reallocated or moved
     binding: ort.IOBinding
     logits: np.ndarray  # [batch, 1, vocab], overwritten by every step
 
@@ -94,10 +94,15 @@ class Decoder:
         if io_binding == "on" or (io_binding == "auto" and device):
             options = (provider_options or {}).get(self.provider, {})
             self.binding_device = (device or "cpu", int(options.get("device_id", 0)) if device else 0)
-        # GroupQueryAttention on the CPU writes new keys/values into the past buffer itself when past and
-        # present are the same memory (ONNX Runtime compares the pointers): see forward(in_place=True).
-        self.shares_kv = (self.right_padded and self.binding_device is None
-                          and self.provider == "CPUExecutionProvider" and self.vocab_size > 0)
+        # GroupQueryAttention writes new keys/values into the past buffer itself when past and present are
+        # the same memory (ONNX Runtime compares the pointers): see forward(in_place=True). On the CPU the
+        # buffers are numpy arrays; on CUDA (whose kernel is fp16/bf16 only) device OrtValues, which also
+        # spares ONNX Runtime allocating a grown present per step: on an H200 that allocation made every
+        # step at a sequence length not seen before 13x slower.
+        on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
+        on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None \
+            and first.type != "tensor(float)"
+        self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
         self._shared: _SharedBinding | None = None
 
     def release(self) -> None:
@@ -142,7 +147,7 @@ class Decoder:
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
         if in_place:
-            logits, present = self._in_place(feeds, past), past
+            logits, present = self._in_place(feeds, past)
         elif self.binding_device is not None:
             logits, present = self._bound(feeds, past)
         else:
@@ -153,22 +158,29 @@ class Decoder:
             logits = logits[:, -1, :]
         return StepOutput(logits=logits.astype(np.float32, copy=False), present=present)
 
-    def _in_place(self, feeds: dict[str, np.ndarray], past: list[np.ndarray]) -> np.ndarray:
-        """One decode step on shared buffers; the binding lives as long as the cache keeps its buffers."""
+    def _in_place(self, feeds: dict[str, np.ndarray], past: list[KV]) -> tuple[np.ndarray, list[KV]]:
+        """One decode step on shared buffers; the binding lives as long as the cache keeps its buffers.
+
+        Host buffers from the cache (after rows joined or left, or the buffers grew) go to the device once
+        on a GPU; the device buffers are then the cache, handed back as the present.
+        """
         shared = self._shared
         if shared is None or shared.past is not past or shared.logits.shape[0] != len(feeds["input_ids"]):
             binding = self.session.io_binding()
-            for past_name, present_name, value in zip(self.past_names, self.present_names, past, strict=True):
-                buffer = ort.OrtValue.ortvalue_from_numpy(value)  # one OrtValue over it, as past and present
+            device, device_id = self.binding_device or ("cpu", 0)
+            buffers = [value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
+                value, device, device_id) for value in past]  # on the CPU an OrtValue over the array itself
+            for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
                 binding.bind_ortvalue_input(past_name, buffer)
                 binding.bind_ortvalue_output(present_name, buffer)
             logits = np.empty((len(feeds["input_ids"]), 1, self.vocab_size), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-            shared = self._shared = _SharedBinding(past=past, binding=binding, logits=logits)
+            kept = past if self.binding_device is None else buffers
+            shared = self._shared = _SharedBinding(past=kept, binding=binding, logits=logits)
         for name, value in feeds.items():
             shared.binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(shared.binding)
-        return shared.logits
+        return shared.logits, shared.past
 
     def _bound(self, feeds: dict[str, np.ndarray], past: list[KV]) -> tuple[np.ndarray, list[KV]]:
         device, device_id = self.binding_device or ("cpu", 0)

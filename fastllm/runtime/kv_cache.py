@@ -12,9 +12,10 @@ Rows join (after their prefill) and leave (when finished) between decode steps; 
 of the cache, while a decode step itself costs none on our side (the graph returns the grown cache).
 Under IOBinding the arrays are device OrtValues between steps; a join or leave brings them to the host.
 
-With ``shared`` (fused graphs on the CPU) the arrays are buffers with spare columns, bound as both the
-past and the present of a step: GroupQueryAttention then writes each row's new key/value in place
-instead of copying the whole cache into a new present every step. Buffers grow by doubling.
+With ``shared`` (fused graphs on the CPU, or at fp16 on CUDA) the arrays are buffers with spare columns,
+bound as both the past and the present of a step: GroupQueryAttention then writes each row's new
+key/value in place instead of copying the whole cache into a new present every step. Buffers grow by
+doubling; on a GPU they live on the device and come to the host only to join, leave or grow.
 """
 
 from __future__ import annotations
@@ -97,14 +98,13 @@ class BatchCache:
             needed, have = self.width + 1, _columns(self.past[0])
             if have < needed:
                 grown = max(needed, 2 * have)
-                self.past = [np.pad(p, ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
+                self.past = [np.pad(_host(p), ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
         return self.past
 
     def step(self, present: list[Any]) -> None:
-        """After a decode step every row grew by one real token: adopt the graph's output as the cache,
-        unless the graph wrote into the shared buffers themselves."""
-        if not self.shared:
-            self.past = present
+        """After a decode step every row grew by one real token: adopt the graph's output as the cache (in
+        shared mode the buffers it wrote into: the same arrays on the CPU, their device copies on a GPU)."""
+        self.past = present
         self.lengths = self.lengths + 1
 
     def _pad(self, array: np.ndarray, width: int) -> np.ndarray:
