@@ -81,6 +81,19 @@ async def _greedy_ids(engine: GenerationEngine, ids: list[int], max_tokens: int,
     return tokens
 
 
+def _solo_then_together(engine: GenerationEngine, prompts: list[list[int]],
+                        max_tokens: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Greedy ids of each prompt alone, then of all of them at once, and the prefill runs the latter took."""
+    alone = [asyncio.run(_greedy_ids(engine, p, max_tokens)) for p in prompts]
+    runs = engine.stats.prefill_runs
+
+    async def together() -> list[list[int]]:
+        return list(await asyncio.gather(*(_greedy_ids(engine, p, max_tokens) for p in prompts)))
+
+    batched = asyncio.run(together())
+    return alone, batched, engine.stats.prefill_runs - runs
+
+
 def _host(value: object) -> np.ndarray:
     """A cache tensor as numpy: on a GPU the decoder hands back device OrtValues."""
     return value if isinstance(value, np.ndarray) else value.numpy()  # type: ignore[attr-defined]
@@ -133,18 +146,11 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
     assert engine is not None
     prompts = [[(7 * i + j) % 50 + 5 for j in range(3 + 2 * i)] for i in range(6)]
 
-    async def solo() -> list[list[int]]:
-        return [await _greedy_ids(engine, p, 12) for p in prompts]
-
-    async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(_greedy_ids(engine, p, 12) for p in prompts)))
-
     try:
-        alone = asyncio.run(solo())
-        runs = engine.stats.prefill_runs
-        assert asyncio.run(together()) == alone
+        alone, batched, runs = _solo_then_together(engine, prompts, 12)
+        assert batched == alone
         # The six prompts (3 to 13 tokens) arrive together and share one or two prefill runs.
-        assert engine.stats.prefill_runs - runs <= 2
+        assert runs <= 2
         # Batched prefill, row by row, is what each prompt computes alone.
         decoder = engine.decoder
         assert manifest.logits == "per-row" and decoder.batched_prefill
@@ -180,15 +186,8 @@ def test_fused_int4_for_gpus_keeps_fp16_activations() -> None:
     assert engine is not None
     prompts = [[(3 * i + j) % 50 + 5 for j in range(4 + 3 * i)] for i in range(4)]
 
-    async def solo() -> list[list[int]]:
-        return [await _greedy_ids(engine, p, 10) for p in prompts]
-
-    async def together() -> list[list[int]]:
-        return list(await asyncio.gather(*(_greedy_ids(engine, p, 10) for p in prompts)))
-
     try:
-        alone = asyncio.run(solo())
-        batched = asyncio.run(together())
+        alone, batched, _ = _solo_then_together(engine, prompts, 10)
         # fp16 kernels round differently at another batch size, so a random tiny model's near-ties may flip
         # late in an answer (the fp32 graphs above are exact); the start of each answer and the batched
         # prefill's logits must still agree.
