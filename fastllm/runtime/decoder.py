@@ -98,7 +98,7 @@ class Decoder:
         # the same memory (ONNX Runtime compares the pointers): see forward(in_place=True). On the CPU the
         # buffers are numpy arrays; on CUDA (whose kernel is fp16/bf16 only) device OrtValues, which also
         # spares ONNX Runtime allocating a grown present per step: on an H200 that allocation made every
-        # step at a sequence length not seen before 13x slower.
+        # step at a sequence length not seen before about 15x slower.
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
         on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None \
             and first.type != "tensor(float)"
