@@ -15,6 +15,7 @@ from fastllm.errors import ExportError
 from fastllm.export.pipeline import ExportOptions, export
 from fastllm.manifest import read_manifest
 from fastllm.runtime.generation import GenerationEngine, GenerationRequest
+from fastllm.runtime.kv_cache import to_host
 from fastllm.runtime.models import ServedModel, load_model
 from fastllm.runtime.sampling import SamplingParams
 
@@ -94,11 +95,6 @@ def _solo_then_together(engine: GenerationEngine, prompts: list[list[int]],
     return alone, batched, engine.stats.prefill_runs - runs
 
 
-def _host(value: object) -> np.ndarray:
-    """A cache tensor as numpy: on a GPU the decoder hands back device OrtValues."""
-    return value if isinstance(value, np.ndarray) else value.numpy()  # type: ignore[attr-defined]
-
-
 def _load(folder: Path) -> ServedModel:
     return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(max_batch_size=8), Path("models"))
 
@@ -162,7 +158,7 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
             single = decoder.prefill([ids])
             np.testing.assert_allclose(batched.logits[row], single.logits[0], rtol=0, atol=atol)
             for past_b, past_1 in zip(batched.present, single.present, strict=True):
-                past_b, past_1 = _host(past_b), _host(past_1)
+                past_b, past_1 = to_host(past_b), to_host(past_1)
                 np.testing.assert_allclose(past_b[row, :, : len(ids)], past_1[0, :, : len(ids)], rtol=0, atol=atol)
     finally:
         model.close()

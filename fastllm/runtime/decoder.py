@@ -70,7 +70,8 @@ class Decoder:
         self.has_position_ids = "position_ids" in inputs
         first = inputs[self.past_names[0]]
         self.kv_dtype = _ORT_TO_NUMPY.get(first.type, np.float32)
-        if manifest.graph == "fused" and self.provider in _DEVICES and first.type == "tensor(float)":
+        fp32_cache = first.type == "tensor(float)"
+        if manifest.graph == "fused" and self.provider in _DEVICES and fp32_cache:
             # ONNX Runtime places the attention on the CPU then, and copies the cache there and back each step.
             log.warning("%s is a fused fp32 graph: %s has no fp32 GroupQueryAttention kernel, so attention runs on "
                         "the CPU; export with --graph fused --dtype fp16 [--quantize int4] for GPUs",
@@ -100,8 +101,7 @@ class Decoder:
         # spares ONNX Runtime allocating a grown present per step: on an H200 that allocation made every
         # step at a sequence length not seen before about 15x slower.
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
-        on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None \
-            and first.type != "tensor(float)"
+        on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None and not fp32_cache
         self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
         self._shared: _SharedBinding | None = None
 

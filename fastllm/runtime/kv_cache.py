@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 
-def _host(array: Any) -> np.ndarray:
+def to_host(array: Any) -> np.ndarray:
+    """A cache tensor as numpy: under IOBinding on a GPU the decoder hands back device OrtValues."""
     return array if isinstance(array, np.ndarray) else array.numpy()
 
 
@@ -58,7 +59,7 @@ class BatchCache:
         """
         if rows is not None:
             index = np.asarray(rows)
-            present = [_host(p)[index] for p in present]
+            present = [to_host(p)[index] for p in present]
         new_len = _columns(present[0])
         new_lengths = np.asarray(lengths, dtype=np.int64)
         if self.rows == 0:
@@ -66,7 +67,7 @@ class BatchCache:
             return
         width = max(self.width, new_len)
         self.past = [
-            np.concatenate([self._pad(_host(old)[:, :, : self.width], width), self._pad(_host(new), width)], axis=0)
+            np.concatenate([self._pad(to_host(old)[:, :, : self.width], width), self._pad(to_host(new), width)], axis=0)
             for old, new in zip(self.past, present, strict=True)
         ]
         self.lengths = np.concatenate([self.lengths, new_lengths])
@@ -82,7 +83,7 @@ class BatchCache:
         self.lengths = self.lengths[index]
         width = int(self.lengths.max())
         cut = slice(0, width) if self.right_padded else slice(self.width - width, self.width)
-        self.past = [np.ascontiguousarray(_host(p)[index, :, cut, :]) for p in self.past]
+        self.past = [np.ascontiguousarray(to_host(p)[index, :, cut, :]) for p in self.past]
 
     def next_mask(self) -> np.ndarray:
         """The attention mask for a decode step: each row's cache plus the token being fed."""
@@ -98,7 +99,7 @@ class BatchCache:
             needed, have = self.width + 1, _columns(self.past[0])
             if have < needed:
                 grown = max(needed, 2 * have)
-                self.past = [np.pad(_host(p), ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
+                self.past = [np.pad(to_host(p), ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
         return self.past
 
     def step(self, present: list[Any]) -> None:
