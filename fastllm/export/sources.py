@@ -243,7 +243,30 @@ def _apply_gguf_tokenizer_metadata(path: Path, model: Any, tokenizer: Any) -> No
         _make_encode_add_bos(tokenizer, bool(meta["tokenizer.ggml.add_bos_token"]), bos)
     if template := meta.get("tokenizer.chat_template"):
         tokenizer.chat_template = template
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        _add_marker_tokens(tokenizer, tokens, meta.get("tokenizer.ggml.token_type") or [])
     log.info("tokenizer special tokens taken from GGUF metadata: eos=%s bos=%s", eos, bos)
+
+
+# llama.cpp's token types: CONTROL tokens are special, USER_DEFINED ones are plain text matched whole.
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _add_marker_tokens(tokenizer: Any, tokens: list[str], types: list[int]) -> None:
+    """Keep the GGUF's marker tokens whole. transformers' conversion of byte-level vocabularies makes added
+    tokens of only a few control tokens, so Qwen2.5's `<tool_call>` text in a prompt became four ordinary
+    pieces instead of the one token the model was trained on. Each one keeps its id (it is in the vocabulary)."""
+    from tokenizers import AddedToken
+
+    known = set(tokenizer.get_added_vocab())
+    markers = [
+        AddedToken(tokens[i], special=kind == _CONTROL, normalized=False)
+        for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED) and tokens[i] not in known
+    ]
+    if markers:
+        tokenizer.add_tokens(markers)
+        log.info("kept %d GGUF marker tokens whole: %s", len(markers),
+                 ", ".join(str(m.content) for m in markers[:8]) + (" ..." if len(markers) > 8 else ""))
 
 
 def _make_encode_add_bos(tokenizer: Any, add: bool, bos: tuple[int, str]) -> None:

@@ -12,8 +12,10 @@ from fastllm.tokenization.tokenizer import Tokenizer
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None, *,
+                 skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
@@ -28,13 +30,16 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._tokenizer.decode(self._ids[self._prefix_offset :])
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self.text += full[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self._ids)
         return self._release()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def _release(self) -> str:
         if self._stop:
@@ -58,8 +63,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             return self._take(len(self.text))
         if self._read_offset < len(self._ids):
-            prefix = self._tokenizer.decode(self._ids[self._prefix_offset : self._read_offset])
-            full = self._tokenizer.decode(self._ids[self._prefix_offset :])
+            prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            full = self._decode(self._ids[self._prefix_offset :])
             self.text += full[len(prefix) :]
             self._read_offset = len(self._ids)
         self._holdback = 0

@@ -2,10 +2,11 @@
 
 Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget
 (several prompts in one run where the graph allows),
-(2) runs one decode step for every running sequence together, (3) samples, detokenizes and checks
-stops per sequence, and (4) drops finished or cancelled sequences from the batch. Requests join and
-leave between steps, so a long generation never holds back a short one. ``session.run`` releases
-the GIL, so the event loop keeps serving while the model computes.
+(2) runs one decode step for every running sequence together, (3) samples each row through its logits
+processors (penalties, bias, and the grammar mask of a constrained row, so constrained and free rows share
+the batch), detokenizes and checks stops per sequence, and (4) drops finished or cancelled sequences
+from the batch. Requests join and leave between steps, so a long generation never holds back a short
+one. ``session.run`` releases the GIL, so the event loop keeps serving while the model computes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from fastllm.errors import EngineError, OverloadedError
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.detokenize import IncrementalDetokenizer
+from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from fastllm.tokenization.tokenizer import Tokenizer
@@ -58,6 +60,10 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     n: int = 1
     ignore_eos: bool = False
+    # Structured outputs and tool calls: each choice follows its own copy of this grammar.
+    grammar: CompiledGrammar | None = None
+    # False where the text must keep special tokens (a tool-call syntax that opens with one).
+    skip_special_tokens: bool = True
 
 
 @dataclass
@@ -254,8 +260,10 @@ class GenerationEngine:
                 _Sequence(
                     request=pending,
                     index=i,
-                    sampler=Sampler(request.params, request.prompt_ids, seed_offset=i),
-                    detok=IncrementalDetokenizer(self.tokenizer, request.stop),
+                    sampler=Sampler(request.params, request.prompt_ids, seed_offset=i,
+                                    grammar=request.grammar.matcher() if request.grammar else None),
+                    detok=IncrementalDetokenizer(self.tokenizer, request.stop,
+                                                 skip_special_tokens=request.skip_special_tokens),
                     position=len(request.prompt_ids),
                 )
                 for i in range(request.n)
@@ -311,7 +319,7 @@ class GenerationEngine:
             seq.finish_reason = "stop"
         else:
             delta.text = seq.detok.add(token)
-            if seq.detok.stopped:
+            if seq.detok.stopped or seq.sampler.finished:
                 seq.finish_reason = "stop"
             elif seq.generated >= request.max_tokens:
                 seq.finish_reason = "length"

@@ -15,7 +15,9 @@ from fastllm.manifest import Manifest, is_model_dir, read_manifest, token_id_lis
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
+from fastllm.runtime.grammar import GrammarCompiler
 from fastllm.tokenization import ChatTemplate, Tokenizer
+from fastllm.tokenization.tool_calls import FALLBACK, ToolCallSyntax, detect_syntax
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,8 @@ class ServedModel:
     generator: GenerationEngine | None = None
     embedder: EmbeddingEngine | None = None
     created: int = 0
+    grammars: GrammarCompiler | None = None
+    tool_syntax: ToolCallSyntax = FALLBACK
 
     @property
     def context_length(self) -> int:
@@ -123,8 +127,12 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)
+        grammars = GrammarCompiler(folder / "tokenizer.json", vocab_size=manifest.vocab_size or tokenizer.vocab_size,
+                                   eos_token_ids=manifest.eos_token_ids)
+        syntax = detect_syntax(template.source, renders_tools=template.renders_tools,
+                               override=config.tool_call_format)
         model = ServedModel(served_id, folder, manifest, tokenizer, decoder.provider, template,
-                            generator=engine, created=created)
+                            generator=engine, created=created, grammars=grammars, tool_syntax=syntax)
     else:
         embedder = EmbeddingEngine(folder, manifest, batch_size=runtime.embedding_batch_size, **options)
         model = ServedModel(served_id, folder, manifest, tokenizer, embedder.provider, embedder=embedder,

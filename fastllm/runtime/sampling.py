@@ -1,5 +1,7 @@
 """Turn one row of logits into the next token, with OpenAI's and vLLM's sampling parameters.
 
+Logits processors apply in a fixed order: penalties, then ``logit_bias``, then the row's grammar mask
+(structured outputs and tool calls), which has the last word: no bias can revive a token it forbids.
 Penalties follow the usual definitions: repetition (CTRL / transformers: divide positive logits,
 multiply negative ones, for every token seen in prompt or output), presence and frequency (OpenAI:
 subtract per generated token). Logprobs are those of the model before any of this, as OpenAI
@@ -13,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from fastllm.runtime.grammar import GrammarMatcher
 
 # Tokens considered by top-p / min-p when no top-k is set; mass beyond them is negligible in practice.
 CANDIDATE_LIMIT = 1024
@@ -45,10 +49,12 @@ class TokenLogprob:
 
 
 class Sampler:
-    """Per-sequence sampling state: its RNG and the counts of tokens it generated."""
+    """Per-sequence sampling state: its RNG, the counts of tokens it generated and its grammar, if any."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], seed_offset: int = 0) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], seed_offset: int = 0,
+                 grammar: GrammarMatcher | None = None) -> None:
         self.params = params
+        self.grammar = grammar
         seed = None if params.seed is None else params.seed + seed_offset
         self.rng = np.random.default_rng(seed)
         self.output_counts: Counter[int] = Counter()
@@ -61,12 +67,21 @@ class Sampler:
         p = self.params
         logprob = self._logprob(logits) if p.logprobs else None
         scores = self._penalised(logits)
+        if self.grammar is not None:
+            scores = self.grammar.mask(scores)
         token = int(np.argmax(scores)) if p.greedy else self._draw(scores)
+        if self.grammar is not None:
+            self.grammar.accept(token)
         self.output_counts[token] += 1
         if logprob is not None:
             logprob.token_id = token
             logprob.logprob = float(self._last_logprobs[token])
         return token, logprob
+
+    @property
+    def finished(self) -> bool:
+        """The grammar is complete and allows no further token: the sequence stops without sampling EOS."""
+        return self.grammar is not None and self.grammar.done
 
     def _penalised(self, logits: np.ndarray) -> np.ndarray:
         p = self.params

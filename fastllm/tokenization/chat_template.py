@@ -36,6 +36,7 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
 class ChatTemplate:
     def __init__(self, source: str, *, bos_token: str | None, eos_token: str | None) -> None:
         from jinja2 import TemplateError as JinjaError
+        from jinja2 import meta
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -45,6 +46,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(source)
+            # Templates that render tools themselves read a `tools` variable (Qwen2.5, Llama 3.x, Mistral...).
+            self.renders_tools = "tools" in meta.find_undeclared_variables(env.parse(source))
         except JinjaError as exc:
             raise ModelLoadError(f"the model's chat template does not compile: {exc}") from None
         self.source = source
@@ -61,12 +64,16 @@ class ChatTemplate:
             source = jinja_file.read_text()
         return cls(source or FALLBACK_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """``tools`` as transformers passes them: OpenAI's ``{"type": "function", "function": {...}}`` entries,
+        given to the template only when there are some (templates test ``tools is defined`` as well as truth)."""
         from jinja2 import TemplateError as JinjaError
 
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._special
+                messages=messages, add_generation_prompt=add_generation_prompt, **self._special, **extra
             )
         except TemplateError:
             raise

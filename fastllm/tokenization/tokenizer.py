@@ -42,6 +42,13 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of ``text`` where it is one special token (which decoding drops unless asked not to)."""
+        for token_id, token in self._tok.get_added_tokens_decoder().items():
+            if token.special and token.content == text:
+                return token_id
+        return None
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:

@@ -15,6 +15,7 @@ from fastllm.runtime.generation import Delta
 from fastllm.runtime.models import ServedModel
 from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server import requests
+from fastllm.server.constraints import ToolPlan
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
 from fastllm.server.openapi import MODEL_ERRORS, responses, streaming
@@ -30,9 +31,14 @@ from fastllm.server.schemas import (
     ChatDelta,
     ChatLogprobs,
     ChatTokenLogprob,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
+from fastllm.tokenization.tool_calls import ToolCallStream
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +66,13 @@ class ChatController(Controller):
     async def create(self, data: ChatCompletionRequest, registry: ModelRegistry, settings: Settings,
                      metrics: Metrics) -> Response[bytes] | ServerSentEvent:
         model = registry.generator(data.model)
-        request = requests.chat_request(model, data, settings.runtime.max_n)
+        request, plan = await requests.chat_request(model, data, settings.runtime.max_n)
         completion_id, created = request_id("chatcmpl"), int(time.time())
         deltas = run(model, request, metrics, settings.server.request_timeout, completion_id)
         if data.stream:
             first = await anext(deltas)  # errors before the first token still get a proper status
             include_usage = bool(data.stream_options and data.stream_options.include_usage)
-            return ServerSentEvent(_stream(model, data, first, deltas, completion_id, created,
+            return ServerSentEvent(_stream(model, data, plan, first, deltas, completion_id, created,
                                            len(request.prompt_ids), include_usage))
         states = [ChoiceState() for _ in range(data.n)]
         async for step in deltas:
@@ -74,18 +80,34 @@ class ChatController(Controller):
         completion_tokens = sum(s.tokens for s in states)
         body = ChatCompletion(
             id=completion_id, created=created, model=model.id,
-            choices=[
-                ChatChoice(index=i, message=AssistantMessage(content=s.text), finish_reason=s.finish_reason,
-                           logprobs=chat_logprobs(model, s.logprobs) if data.logprobs else None)
-                for i, s in enumerate(states)
-            ],
+            choices=[_choice(model, data, plan, i, s) for i, s in enumerate(states)],
             usage=Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=completion_tokens,
                         total_tokens=len(request.prompt_ids) + completion_tokens),
         )
         return Response(msgspec.json.encode(body), media_type="application/json")
 
 
-async def _stream(model: ServedModel, data: ChatCompletionRequest, first: list[Delta],
+def _choice(model: ServedModel, data: ChatCompletionRequest, plan: ToolPlan | None, index: int,
+            state: ChoiceState) -> ChatChoice:
+    """One finished choice; where tools were offered, its calls read out of the text."""
+    content: str | None = state.text
+    calls = []
+    if plan is not None:
+        content, found = plan.syntax.parse(state.text)
+        calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in found]
+    return ChatChoice(
+        index=index, message=AssistantMessage(content=content, tool_calls=calls or None),
+        finish_reason=_finish(state.finish_reason, bool(calls)),
+        logprobs=chat_logprobs(model, state.logprobs) if data.logprobs else None,
+    )
+
+
+def _finish(reason: str | None, called: bool) -> str | None:
+    """OpenAI's ``tool_calls`` where the model ended its turn by calling; a ``length`` cut stays one."""
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+async def _stream(model: ServedModel, data: ChatCompletionRequest, plan: ToolPlan | None, first: list[Delta],
                   rest: AsyncIterator[list[Delta]], completion_id: str, created: int, prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[bytes]:
     def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> bytes:
@@ -96,20 +118,18 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, first: list[D
     try:
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(data.n)])
+        readers = [ToolCallStream(plan.syntax) for _ in range(data.n)] if plan else []
+        calls_made = [0] * data.n
         step: list[Delta] | None = first
         while step is not None:
-            choices = []
+            # Each choice's parts of this step (text, then each call's header and arguments), sent as chunks
+            # in order: the k-th chunk holds the k-th part of every choice that has one.
+            parts: list[list[ChatChunkChoice]] = []
             for delta in step:
                 completion_tokens += len(delta.token_ids)
-                if delta.text or delta.finish_reason or (data.logprobs and delta.logprobs):
-                    choices.append(ChatChunkChoice(
-                        index=delta.index,
-                        delta=ChatDelta(content=delta.text) if delta.text else ChatDelta(),
-                        finish_reason=delta.finish_reason,
-                        logprobs=chat_logprobs(model, delta.logprobs) if data.logprobs else None,
-                    ))
-            if choices:
-                yield chunk(choices)
+                parts.append(_parts(model, data, delta, readers[delta.index] if readers else None, calls_made))
+            for k in range(max((len(p) for p in parts), default=0)):
+                yield chunk([p[k] for p in parts if k < len(p)])
             step = await anext(rest, None)
         if include_usage:
             yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -120,3 +140,33 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, first: list[D
     finally:
         await rest.aclose()  # a vanished client frees its batch slot now, not at garbage collection
     yield b"[DONE]"
+
+
+def _parts(model: ServedModel, data: ChatCompletionRequest, delta: Delta, reader: ToolCallStream | None,
+           calls_made: list[int]) -> list[ChatChunkChoice]:
+    """One choice's step as streamed deltas. With tools, text is released only once it cannot be the start of
+    a call, and each call goes out as OpenAI streams one: index, id, type and name, then its arguments."""
+    text, calls = delta.text, []
+    if reader is not None:
+        text, calls = reader.feed(delta.text)
+        if delta.finish_reason:
+            tail, more = reader.finish()
+            text, calls = text + tail, calls + more
+    logprobs = chat_logprobs(model, delta.logprobs) if data.logprobs else None
+    parts = []
+    if text or (logprobs and delta.logprobs):
+        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(content=text or None), logprobs=logprobs))
+    for call in calls:
+        k = calls_made[delta.index]
+        calls_made[delta.index] += 1
+        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(tool_calls=[ToolCallDelta(
+            index=k, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments=""))])))
+        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(tool_calls=[ToolCallDelta(
+            index=k, function=FunctionCallDelta(arguments=call.arguments))])))
+    if delta.finish_reason:
+        finish = _finish(delta.finish_reason, calls_made[delta.index] > 0)
+        if parts:
+            parts[-1].finish_reason = finish
+        else:
+            parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(), finish_reason=finish))
+    return parts

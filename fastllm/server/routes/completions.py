@@ -95,6 +95,7 @@ class CompletionsController(Controller):
                            top_logprobs=top, max_tokens=data.max_tokens if data.max_tokens is not None else 16)
             for ids in prompts
         ]
+        await requests.completion_grammar(model, data, built)
         echoes = [model.tokenizer.decode(r.prompt_ids) if data.echo else "" for r in built]
         prompt_tokens = sum(len(r.prompt_ids) for r in built)
         completion_id, created = request_id("cmpl"), int(time.time())

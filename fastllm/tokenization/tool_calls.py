@@ -1,0 +1,259 @@
+"""Tool calls in each model family's own syntax: how the prompt offers them, how a grammar enforces them,
+and how the generated text is read back into OpenAI's ``tool_calls``.
+
+The syntax comes from the model's chat template (what its template writes for an assistant's tool
+calls is what the model was trained to write), never from the model's name:
+
+- ``hermes``: ``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>``, one block per call
+  (Qwen2.5, Qwen3, Hermes and most templates that render tools).
+- ``mistral``: ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...]``, every call in one array.
+- ``llama3_json``: the whole answer is ``{"name": ..., "parameters": {...}}`` (Llama 3.1-3.3), calls
+  separated by ``;``.
+- ``fallback``: for templates that know nothing of tools (SmolLM2): the Hermes form, with the tool list
+  and instructions written into the system prompt by FastLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+TOOL_CALL_FORMATS = ("auto", "hermes", "mistral", "llama3_json", "fallback")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it: a string
+
+
+@dataclass(frozen=True)
+class ToolCallSyntax:
+    name: str
+    start: str  # what opens calls anywhere in the answer; "" for llama3_json, whose answer is the bare JSON
+    end: str  # what closes each call ("" where the JSON's own end does)
+    args_key: str  # "arguments", or "parameters" for Llama 3
+    array: bool = False  # all calls in one JSON array after ``start`` (Mistral)
+    separator: str = "\n"  # between two calls
+    native: bool = True  # the template renders tools itself; else the server describes them in the prompt
+    # Openers also taken for a call where the answer begins with them (then only there), with their closers:
+    # small models asked for `<tool_call>` often answer with a fenced or bare JSON call instead, which
+    # llama.cpp reads as a call too. "" is the bare JSON object.
+    leading: tuple[tuple[str, str], ...] = ()
+
+    def call_schema(self, tools: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """The JSON schema of one call to any of ``tools`` (OpenAI function definitions)."""
+        variants = [
+            {"type": "object",
+             "properties": {"name": {"const": tool["name"]},
+                            self.args_key: tool.get("parameters") or {"type": "object"}},
+             "required": ["name", self.args_key], "additionalProperties": False}
+            for tool in tools
+        ]
+        return variants[0] if len(variants) == 1 else {"anyOf": variants}
+
+    def lark(self, tools: Sequence[dict[str, Any]], *, required: bool, parallel: bool,
+             start_token: int | None, answer: str | None = None) -> str:
+        """An llguidance Lark grammar: calls only (``required``), or an answer (free text, or the rule
+        ``answer``) with each call constrained from the moment the model opens it, as llama.cpp's lazy
+        grammars do. ``start_token`` is the id of ``start`` where it is a special token (``<[id]>``)."""
+        schema = self.call_schema(tools)
+        one = f"%json {json.dumps(schema)}"
+        opener = f"<[{start_token}]>" if start_token is not None else json.dumps(self.start)
+        leading = () if required or answer else self.leading
+        # Free text may not begin like a leading opener, or that opener would never be enforced.
+        starts = "|".join(_regex(lead) if lead else "\\{" for lead, _ in leading)
+        rules = ["%llguidance {}", f"TEXT: /(?s:.*)/ & ~/({starts})(?s:.*)/" if leading else "TEXT: /(?s:.*)/"]
+        forms = [f"{_literal(lead)} {one} {_literal(close)}" for lead, close in leading]
+        if self.array:
+            items = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+            calls = opened = f'{opener} " " %json {json.dumps(items)}'
+        elif not self.start:
+            calls = opened = f"{one} ({json.dumps(self.separator)} {one})*" if parallel else one
+        else:
+            block = f'"\\n" {one} "\\n" {json.dumps(self.end)}'
+            more = f"({json.dumps(self.separator)} {opener} {block})*" if parallel else ""
+            calls = f"{opener} {block} {more}"
+            if start_token is None:  # a lazy lexeme: free text that ends as soon as the opener appears
+                rules.append(f"text_then_open[lazy]: TEXT {opener}")
+                opened = f"text_then_open {block} {more}"
+            else:  # free text cannot hold a special token: no laziness needed
+                opened = f"TEXT {calls}"
+        if required:
+            rules.append(f"start: {calls}")
+        else:
+            rules.append("start: " + " | ".join([answer or "TEXT", opened, *forms]))
+        return "\n".join(rules) + "\n"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """The content before the calls and the calls, from a finished answer."""
+        stream = ToolCallStream(self)
+        content, calls = stream.feed(text)
+        tail, more = stream.finish()
+        content += tail
+        calls += more
+        if not calls:
+            return text, []
+        return (content or None), calls
+
+
+def _literal(text: str) -> str:
+    return json.dumps(text) if text else ""
+
+
+def _regex(text: str) -> str:
+    """``text`` as a literal inside llguidance's ``/.../``."""
+    return "".join("\\n" if c == "\n" else f"\\{c}" if c in ".^$*+?()[]{}|\\/" else c for c in text)
+
+
+_FENCED_OR_BARE = (("```json\n", "\n```"), ("", ""))
+HERMES = ToolCallSyntax("hermes", "<tool_call>", "</tool_call>", "arguments", leading=_FENCED_OR_BARE)
+MISTRAL = ToolCallSyntax("mistral", "[TOOL_CALLS]", "", "arguments", array=True)
+LLAMA3_JSON = ToolCallSyntax("llama3_json", "", "", "parameters", separator="; ")
+FALLBACK = replace(HERMES, name="fallback", native=False)
+SYNTAXES = {s.name: s for s in (HERMES, MISTRAL, LLAMA3_JSON, FALLBACK)}
+
+
+def detect_syntax(template: str, *, renders_tools: bool, override: str = "auto") -> ToolCallSyntax:
+    """The syntax a chat template trains its model to call tools with (or the configured one)."""
+    if override != "auto":
+        return SYNTAXES[override]
+    if not renders_tools:
+        return FALLBACK
+    if "[TOOL_CALLS]" in template:
+        return MISTRAL
+    if "<tool_call>" in template:
+        return HERMES
+    if "<|start_header_id|>" in template and '"parameters": ' in template:
+        return LLAMA3_JSON
+    return FALLBACK
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallStream:
+    """Reads generated text as it streams: content is released as soon as it cannot be the start of a call
+    (trailing whitespace waits, since a call may follow it); each call is released once complete."""
+
+    def __init__(self, syntax: ToolCallSyntax) -> None:
+        self.syntax = syntax
+        self._pending = ""
+        self._closer: str | None = None  # set once a call is open: what ends each call ("" = the JSON's end)
+        self._opener = syntax.start
+        # Where the answer begins with these, it is a call: the syntax's leading forms, and for a syntax
+        # without an opener (bare JSON) the bare object.
+        self._leading = syntax.leading or ((("", ""),) if not syntax.start else ())
+        self._began = False  # the answer has begun as content
+
+    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+        self._pending += text
+        content = "" if self._closer is not None else self._content()
+        return content, self._calls() if self._closer is not None else []
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        if self._closer is None:
+            rest, self._pending = self._pending, ""
+            return rest, []
+        calls = self._calls(final=True)
+        if self._pending.strip() and not calls:  # an unfinished call (cut by max_tokens): left as it came
+            rest = self._opener + self._pending
+            self._pending = ""
+            return rest, calls
+        return "", calls
+
+    def _open(self, opener: str, closer: str, rest: str) -> None:
+        self._opener, self._closer, self._pending = opener, closer, rest
+
+    def _content(self) -> str:
+        text = self._pending
+        if not self._began and self._leading:
+            stripped = text.lstrip()
+            for lead, close in self._leading:
+                if stripped.startswith(lead or "{"):
+                    self._open(lead, close, stripped[len(lead):])
+                    return ""
+            if not stripped or any(lead.startswith(stripped) for lead, _ in self._leading):
+                return ""  # too early to tell
+        self._began = True
+        start = self.syntax.start
+        if not start:
+            self._pending = ""
+            return text
+        at = text.find(start)
+        if at != -1:
+            self._open(start, self.syntax.end, text[at + len(start):])
+            return text[:at].rstrip()
+        keep = next((n for n in range(min(len(start) - 1, len(text)), 0, -1) if start.startswith(text[-n:])), 0)
+        body, held = text[: len(text) - keep], text[len(text) - keep:]
+        stripped = body.rstrip()
+        self._pending = body[len(stripped):] + held
+        return stripped
+
+    def _calls(self, final: bool = False) -> list[ToolCall]:
+        calls: list[ToolCall] = []
+        decoder = json.JSONDecoder()
+        while True:
+            text = self._pending.lstrip().removeprefix(self._opener).lstrip(" ;\n")
+            if not text:
+                return calls
+            try:
+                value, used = decoder.raw_decode(text)
+            except json.JSONDecodeError:
+                return calls
+            found = _calls_in(value, self.syntax.args_key)
+            if found is None:
+                return calls
+            after = text[used:]
+            if self._closer:
+                closed = after.lstrip().startswith(self._closer)
+                if not closed and not final:
+                    return calls  # the closer may still come: wait for it
+                after = after.lstrip().removeprefix(self._closer)
+            self._pending = after
+            calls += found
+
+
+def _calls_in(value: Any, args_key: str) -> list[ToolCall] | None:
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = item.get(args_key, item.get("arguments", item.get("parameters", {})))
+        if isinstance(arguments, str):  # some models write the arguments as a JSON string already
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                return None
+        calls.append(ToolCall(new_call_id(), item["name"], json.dumps(arguments, ensure_ascii=False)))
+    return calls
+
+
+def fallback_system_prompt(tools: Sequence[dict[str, Any]]) -> str:
+    """What a template without tool support is told, in the Hermes form that ``FALLBACK`` parses."""
+    listed = "\n".join(json.dumps({"type": "function", "function": tool}, ensure_ascii=False) for tool in tools)
+    return (
+        "# Tools\n\nYou may call one or more functions to help with the user's request. The functions are "
+        f"described in JSON within <tools></tools> tags:\n<tools>\n{listed}\n</tools>\n\n"
+        "To call a function, answer with a JSON object holding its name and arguments within "
+        "<tool_call></tool_call> tags, one block per call:\n<tool_call>\n"
+        '{"name": "<function name>", "arguments": {<arguments as JSON>}}\n</tool_call>\n'
+        "Function results come back within <tool_response></tool_response> tags."
+    )
+
+
+def call_text(syntax: ToolCallSyntax, calls: Sequence[dict[str, Any]]) -> str:
+    """Earlier calls written back the way the model writes them (for templates that cannot)."""
+    blocks = [json.dumps({"name": c["function"]["name"], syntax.args_key: c["function"]["arguments"]},
+                         ensure_ascii=False) for c in calls]
+    if syntax.array:
+        return f"{syntax.start} [{', '.join(blocks)}]"
+    if not syntax.start:
+        return syntax.separator.join(blocks)
+    return syntax.separator.join(f"{syntax.start}\n{b}\n{syntax.end}" for b in blocks)
