@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastllm.errors import InvalidRequestError
 from fastllm.runtime.grammar import CompiledGrammar, Grammar, json_schema_grammar, lark_grammar, regex_grammar
@@ -26,8 +26,13 @@ class ToolPlan:
 
     tools: list[dict[str, Any]]  # OpenAI function definitions: name, description, parameters
     syntax: ToolCallSyntax
-    required: bool
+    choice: Literal["none", "auto", "required"]  # a named function is "required" with that tool alone
     parallel: bool
+
+    @property
+    def calls(self) -> bool:
+        """Whether the answer may hold calls (and is read back for them)."""
+        return self.choice != "none"
 
 
 def output_grammar(body: _SamplingFields) -> Grammar | None:
@@ -63,12 +68,12 @@ def output_grammar(body: _SamplingFields) -> Grammar | None:
 
 
 def tool_plan(model: ServedModel, body: ChatCompletionRequest) -> ToolPlan | None:
-    """The tools the model may call in this request, or None where it answers in text alone."""
+    """The tools offered in this request and what may be done with them; None where none are offered."""
     tools = [function_dict(tool.function) for tool in body.tools or []]
     choice = body.tool_choice or ("auto" if tools else "none")
     if choice != "none" and not tools:
         raise InvalidRequestError("tool_choice needs tools to choose from", param="tool_choice")
-    if choice == "none":
+    if not tools:
         return None
     names = [tool["name"] for tool in tools]
     if len(set(names)) != len(names):
@@ -78,18 +83,21 @@ def tool_plan(model: ServedModel, body: ChatCompletionRequest) -> ToolPlan | Non
         if chosen not in names:
             raise InvalidRequestError(f"tool_choice names {chosen!r}, which is not among the tools offered",
                                       param="tool_choice")
-        return ToolPlan([t for t in tools if t["name"] == chosen], model.tool_syntax, required=True, parallel=False)
-    return ToolPlan(tools, model.tool_syntax, required=choice == "required", parallel=body.parallel_tool_calls)
+        return ToolPlan([t for t in tools if t["name"] == chosen], model.tool_syntax, "required", parallel=False)
+    return ToolPlan(tools, model.tool_syntax, choice, parallel=body.parallel_tool_calls)
 
 
 def tool_grammar(model: ServedModel, plan: ToolPlan, answer: Grammar | None) -> Grammar:
     """Calls in the model's own syntax, each to an offered tool with arguments valid for its parameters;
-    with ``auto``, the answer (free text, or ``answer``'s grammar) until the model opens a call."""
+    with ``auto``, the answer (free text, or ``answer``'s grammar) until the model opens a call; with
+    ``none``, an answer that opens no call."""
+    if plan.choice == "none" and answer is not None:
+        return answer
     start_token = model.tokenizer.special_token_id(plan.syntax.start) if plan.syntax.start else None
-    lark = plan.syntax.lark(plan.tools, required=plan.required, parallel=plan.parallel, start_token=start_token,
-                            answer="TEXT" if answer is None else "@answer")
+    lark = plan.syntax.lark(plan.tools, choice=plan.choice, parallel=plan.parallel, start_token=start_token,
+                            answer=None if answer is None else "@answer")
     grammars: list[dict[str, Any]] = [{"lark_grammar": lark}]
-    if answer is not None and not plan.required:
+    if answer is not None and plan.choice != "required":
         grammars.append({**json.loads(answer.text)["grammars"][0], "name": "answer"})
     return Grammar(json.dumps({"grammars": grammars}), "tools")
 

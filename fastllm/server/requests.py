@@ -164,20 +164,20 @@ def build(model: ServedModel, body: _SamplingFields, prompt_ids: list[int], *, m
 
 async def chat_request(model: ServedModel, body: ChatCompletionRequest,
                        max_n: int) -> tuple[GenerationRequest, ToolPlan | None]:
-    """The engine's request and, where tools may be called, the plan the response is read back with."""
+    """The engine's request and, where the answer may call tools, the plan it is read back with."""
     if model.chat_template is None:
         raise WrongModelTypeError(f"{model.id!r} has no chat template", param="model")
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
     plan = constraints.tool_plan(model, body)
-    syntax = plan.syntax if plan else model.tool_syntax
-    messages = chat_messages(body.messages, syntax)
+    calls = plan if plan is not None and plan.calls else None
+    messages = chat_messages(body.messages, model.tool_syntax)
     tools = None
-    if plan is not None:
-        if syntax.native:
-            tools = [{"type": "function", "function": tool} for tool in plan.tools]
+    if calls is not None:  # with tool_choice "none" the tools stay out of the prompt
+        if calls.syntax.native:
+            tools = [{"type": "function", "function": tool} for tool in calls.tools]
         else:
-            messages = _with_tool_prompt(messages, plan.tools)
+            messages = _with_tool_prompt(messages, calls.tools)
     prompt = model.chat_template.render(messages, add_generation_prompt=True, tools=tools)
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
     request = build(model, body, ids, max_n=max_n, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
@@ -185,10 +185,11 @@ async def chat_request(model: ServedModel, body: ChatCompletionRequest,
     grammar = constraints.output_grammar(body)
     if plan is not None:
         grammar = constraints.tool_grammar(model, plan, grammar)
-        request.skip_special_tokens = model.tokenizer.special_token_id(syntax.start) is None if syntax.start else True
+    if calls is not None and calls.syntax.start:  # an opener that is a special token must survive decoding
+        request.skip_special_tokens = model.tokenizer.special_token_id(calls.syntax.start) is None
     if grammar is not None:
         request.grammar = await constraints.compile_grammar(model, grammar)
-    return request, plan
+    return request, calls
 
 
 async def completion_grammar(model: ServedModel, body: _SamplingFields, requests: list[GenerationRequest]) -> None:

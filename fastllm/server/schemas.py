@@ -203,7 +203,7 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
 
 
 class AssistantMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
-    role: str = "assistant"
+    role: Literal["assistant"]  # no default, so that omit_defaults (for tool_calls) keeps it
     content: str | None
     tool_calls: list[ToolCall] | None = None
 

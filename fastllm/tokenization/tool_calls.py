@@ -56,38 +56,50 @@ class ToolCallSyntax:
         ]
         return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
-    def lark(self, tools: Sequence[dict[str, Any]], *, required: bool, parallel: bool,
-             start_token: int | None, answer: str | None = None) -> str:
-        """An llguidance Lark grammar: calls only (``required``), or an answer (free text, or the rule
-        ``answer``) with each call constrained from the moment the model opens it, as llama.cpp's lazy
-        grammars do. ``start_token`` is the id of ``start`` where it is a special token (``<[id]>``)."""
+    def lark(self, tools: Sequence[dict[str, Any]], *, choice: str, parallel: bool, start_token: int | None,
+             answer: str | None = None) -> str:
+        """An llguidance Lark grammar for a tool ``choice``:
+
+        - ``required``: calls only;
+        - ``auto``: an answer (free text, or the rule ``answer``), each call constrained from the moment the
+          model opens one, as llama.cpp's lazy grammars do;
+        - ``none``: an answer that does not open a call (small models imitate the calls in their history).
+
+        ``start_token`` is the id of ``start`` where it is a special token (written ``<[id]>``), which free
+        text can never produce."""
         schema = self.call_schema(tools)
         one = f"%json {json.dumps(schema)}"
         opener = f"<[{start_token}]>" if start_token is not None else json.dumps(self.start)
-        leading = () if required or answer else self.leading
-        # Free text may not begin like a leading opener, or that opener would never be enforced.
-        starts = "|".join(_regex(lead) if lead else "\\{" for lead, _ in leading)
-        rules = ["%llguidance {}", f"TEXT: /(?s:.*)/ & ~/({starts})(?s:.*)/" if leading else "TEXT: /(?s:.*)/"]
-        forms = [f"{_literal(lead)} {one} {_literal(close)}" for lead, close in leading]
+        leading = () if choice == "required" or answer else self.leading
+        # Free text may not begin like a call, or that call would never be enforced (or, with none, be made).
+        banned = [lead.rstrip() or "{" for lead, _ in leading]  # "```json" bans "```jsonrpc" too
+        if choice == "none" and self.start and start_token is None:
+            banned.append(self.start)
+        text = "/(?s:.*)/" + (f" & ~/({'|'.join(map(_regex, banned))})(?s:.*)/" if banned else "")
+        rules = ["%llguidance {}", f"TEXT: {text}"]
+        if choice == "none":
+            return "\n".join([*rules, f"start: {answer or 'TEXT'}"]) + "\n"
+        separated = f"({json.dumps(self.separator)} {one})*" if parallel else ""
+        forms = [f"{_literal(lead)} {one} {_literal(close)}" if lead else f"{one} {'' if self.start else separated}"
+                 for lead, close in leading]
         if self.array:
             items = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
-            calls = opened = f'{opener} " " %json {json.dumps(items)}'
-        elif not self.start:
-            calls = opened = f"{one} ({json.dumps(self.separator)} {one})*" if parallel else one
+            calls = f'{opener} " " %json {json.dumps(items)}'
+            forms.append(calls)
+        elif not self.start:  # bare JSON: the calls are the leading form itself
+            calls = f"{one} {separated}"
         else:
             block = f'"\\n" {one} "\\n" {json.dumps(self.end)}'
             more = f"({json.dumps(self.separator)} {opener} {block})*" if parallel else ""
             calls = f"{opener} {block} {more}"
-            if start_token is None:  # a lazy lexeme: free text that ends as soon as the opener appears
+            if start_token is not None:  # free text cannot hold a special token: no laziness needed
+                forms.append(f"TEXT {calls}")
+            elif choice == "auto":  # a lazy lexeme: free text that ends as soon as the opener appears
                 rules.append(f"text_then_open[lazy]: TEXT {opener}")
-                opened = f"text_then_open {block} {more}"
-            else:  # free text cannot hold a special token: no laziness needed
-                opened = f"TEXT {calls}"
-        if required:
-            rules.append(f"start: {calls}")
-        else:
-            rules.append("start: " + " | ".join([answer or "TEXT", opened, *forms]))
-        return "\n".join(rules) + "\n"
+                forms.append(f"text_then_open {block} {more}")
+        if choice == "required":
+            return "\n".join([*rules, f"start: {calls}"]) + "\n"
+        return "\n".join([*rules, "start: " + " | ".join([answer or "TEXT", *forms])]) + "\n"
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """The content before the calls and the calls, from a finished answer."""
@@ -113,7 +125,7 @@ def _regex(text: str) -> str:
 _FENCED_OR_BARE = (("```json\n", "\n```"), ("", ""))
 HERMES = ToolCallSyntax("hermes", "<tool_call>", "</tool_call>", "arguments", leading=_FENCED_OR_BARE)
 MISTRAL = ToolCallSyntax("mistral", "[TOOL_CALLS]", "", "arguments", array=True)
-LLAMA3_JSON = ToolCallSyntax("llama3_json", "", "", "parameters", separator="; ")
+LLAMA3_JSON = ToolCallSyntax("llama3_json", "", "", "parameters", separator="; ", leading=(("", ""),))
 FALLBACK = replace(HERMES, name="fallback", native=False)
 SYNTAXES = {s.name: s for s in (HERMES, MISTRAL, LLAMA3_JSON, FALLBACK)}
 
@@ -146,10 +158,9 @@ class ToolCallStream:
         self._pending = ""
         self._closer: str | None = None  # set once a call is open: what ends each call ("" = the JSON's end)
         self._opener = syntax.start
-        # Where the answer begins with these, it is a call: the syntax's leading forms, and for a syntax
-        # without an opener (bare JSON) the bare object.
-        self._leading = syntax.leading or ((("", ""),) if not syntax.start else ())
+        self._leading = syntax.leading  # where the answer begins with one of these, it is a call
         self._began = False  # the answer has begun as content
+        self._called = False  # a call was read
 
     def feed(self, text: str) -> tuple[str, list[ToolCall]]:
         self._pending += text
@@ -161,10 +172,9 @@ class ToolCallStream:
             rest, self._pending = self._pending, ""
             return rest, []
         calls = self._calls(final=True)
-        if self._pending.strip() and not calls:  # an unfinished call (cut by max_tokens): left as it came
-            rest = self._opener + self._pending
-            self._pending = ""
-            return rest, calls
+        rest, self._pending = self._pending, ""
+        if rest.strip() and not calls and not self._called:  # a lone call cut by max_tokens: left as it came
+            return self._opener + rest, calls
         return "", calls
 
     def _open(self, opener: str, closer: str, rest: str) -> None:
@@ -216,6 +226,7 @@ class ToolCallStream:
                     return calls  # the closer may still come: wait for it
                 after = after.lstrip().removeprefix(self._closer)
             self._pending = after
+            self._called = True
             calls += found
 
 

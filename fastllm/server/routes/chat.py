@@ -96,7 +96,7 @@ def _choice(model: ServedModel, data: ChatCompletionRequest, plan: ToolPlan | No
         content, found = plan.syntax.parse(state.text)
         calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in found]
     return ChatChoice(
-        index=index, message=AssistantMessage(content=content, tool_calls=calls or None),
+        index=index, message=AssistantMessage(role="assistant", content=content, tool_calls=calls or None),
         finish_reason=_finish(state.finish_reason, bool(calls)),
         logprobs=chat_logprobs(model, state.logprobs) if data.logprobs else None,
     )
