@@ -138,6 +138,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Lit
         for model in models:
             if model.generator is not None:
                 metrics.watch_engine(model.id, lambda g=model.generator: g.stats)
+            if model.grammars is not None:
+                metrics.watch_grammars(model.id, model.grammars)
         app.state.registry = models
         started = time.monotonic()
         log.info("serving %s on http://%s:%s", ", ".join(m.id for m in models), settings.server.host,

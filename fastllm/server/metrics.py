@@ -27,11 +27,19 @@ class Metrics:
                                  registry=r)
         self.batch_size = Gauge("fastllm_batch_size", "Sequences in the running batch", ["model"], registry=r)
         self.in_flight = Gauge("fastllm_requests_in_flight", "HTTP requests being served", registry=r)
+        self.grammars_compiled = Gauge("fastllm_grammars_compiled", "Distinct grammars (schemas, tool sets) "
+                                       "compiled for constrained decoding", ["model"], registry=r)
+        self.grammar_cache_hits = Gauge("fastllm_grammar_cache_hits", "Constrained requests whose grammar was "
+                                        "already compiled", ["model"], registry=r)
 
     def watch_engine(self, model: str, stats: Callable[[], Any]) -> None:
         """Gauges read live from an engine's stats at scrape time."""
         self.queue_depth.labels(model).set_function(lambda: stats().waiting)
         self.batch_size.labels(model).set_function(lambda: stats().running)
+
+    def watch_grammars(self, model: str, compiler: Any) -> None:
+        self.grammars_compiled.labels(model).set_function(lambda: compiler.compiled)
+        self.grammar_cache_hits.labels(model).set_function(lambda: compiler.hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
