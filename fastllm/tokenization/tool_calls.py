@@ -15,7 +15,9 @@ calls is what the model was trained to write), never from the model's name:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -102,15 +104,19 @@ class ToolCallSyntax:
         return "\n".join([*rules, "start: " + " | ".join([answer or "TEXT", *forms])]) + "\n"
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The content before the calls and the calls, from a finished answer."""
+        """The content before the calls and the calls, from a finished answer: what streaming it gives."""
         stream = ToolCallStream(self)
-        content, calls = stream.feed(text)
+        content, deltas = stream.feed(text)
         tail, more = stream.finish()
-        content += tail
-        calls += more
+        calls: list[ToolCall] = []
+        for delta in deltas + more:
+            if delta.id is not None:
+                calls.append(ToolCall(delta.id, delta.name or "", delta.arguments))
+            else:
+                calls[-1] = replace(calls[-1], arguments=calls[-1].arguments + delta.arguments)
         if not calls:
             return text, []
-        return (content or None), calls
+        return (content + tail or None), calls
 
 
 def _literal(text: str) -> str:
@@ -149,9 +155,25 @@ def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
+@dataclass
+class CallDelta:
+    """A piece of a call as it streams: the first of each call carries its id and name, the next ones its
+    arguments' text, as the model writes it."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+# The start of a call object, up to its arguments: from here the arguments stream as they are written.
+_HEAD = re.compile(r'\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
 class ToolCallStream:
     """Reads generated text as it streams: content is released as soon as it cannot be the start of a call
-    (trailing whitespace waits, since a call may follow it); each call is released once complete."""
+    (trailing whitespace waits, since a call may follow it); a call's name as soon as it is written, then its
+    arguments as they come."""
 
     def __init__(self, syntax: ToolCallSyntax) -> None:
         self.syntax = syntax
@@ -160,20 +182,21 @@ class ToolCallStream:
         self._opener = syntax.start
         self._leading = syntax.leading  # where the answer begins with one of these, it is a call
         self._began = False  # the answer has begun as content
-        self._called = False  # a call was read
+        self._calls_seen = 0
+        self._arguments: _ArgumentsScanner | None = None  # inside a call's arguments
 
-    def feed(self, text: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, text: str) -> tuple[str, list[CallDelta]]:
         self._pending += text
         content = "" if self._closer is not None else self._content()
         return content, self._calls() if self._closer is not None else []
 
-    def finish(self) -> tuple[str, list[ToolCall]]:
+    def finish(self) -> tuple[str, list[CallDelta]]:
         if self._closer is None:
             rest, self._pending = self._pending, ""
             return rest, []
         calls = self._calls(final=True)
         rest, self._pending = self._pending, ""
-        if rest.strip() and not calls and not self._called:  # a lone call cut by max_tokens: left as it came
+        if rest.strip() and not calls and not self._calls_seen:  # a lone call that never parsed: left as text
             return self._opener + rest, calls
         return "", calls
 
@@ -205,29 +228,111 @@ class ToolCallStream:
         self._pending = body[len(stripped):] + held
         return stripped
 
-    def _calls(self, final: bool = False) -> list[ToolCall]:
-        calls: list[ToolCall] = []
-        decoder = json.JSONDecoder()
+    def _calls(self, final: bool = False) -> list[CallDelta]:
+        out: list[CallDelta] = []
         while True:
-            text = self._pending.lstrip().removeprefix(self._opener).lstrip(" ;\n")
-            if not text:
-                return calls
-            try:
-                value, used = decoder.raw_decode(text)
-            except json.JSONDecodeError:
-                return calls
-            found = _calls_in(value, self.syntax.args_key)
-            if found is None:
-                return calls
-            after = text[used:]
-            if self._closer:
-                closed = after.lstrip().startswith(self._closer)
-                if not closed and not final:
-                    return calls  # the closer may still come: wait for it
-                after = after.lstrip().removeprefix(self._closer)
-            self._pending = after
-            self._called = True
-            calls += found
+            if self._arguments is None:
+                text = self._pending.lstrip().removeprefix(self._opener).lstrip(" ;\n")
+                head = None if self.syntax.array else _HEAD.match(text)
+                if head is not None:
+                    out.append(CallDelta(self._calls_seen, new_call_id(), json.loads(head.group(1))))
+                    self._arguments, self._pending = _ArgumentsScanner(), text[head.end():]
+                    continue
+                whole = self._whole_calls(text, final)  # Mistral's array, or keys in another order
+                if whole is None:
+                    return out
+                for call in whole:
+                    out += [CallDelta(self._calls_seen, call.id, call.name), CallDelta(self._calls_seen,
+                                                                                     arguments=call.arguments)]
+                    self._calls_seen += 1
+                continue
+            if not self._arguments.done:
+                piece, used = self._arguments.scan(self._pending)
+                self._pending = self._pending[used:]
+                if piece:
+                    out.append(CallDelta(self._calls_seen, arguments=piece))
+                if not self._arguments.done:
+                    return out
+            rest = self._close(self._pending.lstrip().removeprefix("}") if self._pending.lstrip().startswith("}")
+                               else None if not final else self._pending, final)
+            if rest is None:
+                return out
+            self._pending, self._arguments = rest, None
+            self._calls_seen += 1
+
+    def _close(self, after: str | None, final: bool) -> str | None:
+        """What follows a call once its closer is past; None while the closer may still be coming."""
+        if after is None:
+            return None
+        if self._closer:
+            text = after.lstrip()
+            if text.startswith(self._closer):
+                return text[len(self._closer):]
+            if not final and self._closer.startswith(text):
+                return None
+        return after
+
+    def _whole_calls(self, text: str, final: bool) -> list[ToolCall] | None:
+        try:
+            value, used = json.JSONDecoder().raw_decode(text)
+        except json.JSONDecodeError:
+            return None
+        found = _calls_in(value, self.syntax.args_key)
+        rest = self._close(text[used:], final) if found is not None else None
+        if rest is None:
+            return None
+        self._pending = rest
+        return found
+
+
+class _ArgumentsScanner:
+    """Finds where a JSON value ends in text that arrives in pieces. An object is passed on as written; a
+    JSON string holding an object (some models write that) is passed on once complete, as the object."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+        self._started = False
+
+    def scan(self, text: str) -> tuple[str, int]:
+        """(the value's text found in ``text``, characters of ``text`` used)."""
+        skipped = len(text) - len(text.lstrip())
+        if not self._started:
+            if not text.strip():
+                return "", len(text)
+            if not text.lstrip().startswith("{"):
+                try:
+                    value, used = json.JSONDecoder().raw_decode(text.lstrip())
+                except json.JSONDecodeError:
+                    return "", 0
+                self.done = True
+                if isinstance(value, str):
+                    with contextlib.suppress(json.JSONDecodeError):
+                        value = json.loads(value)
+                return json.dumps(value, ensure_ascii=False), skipped + used
+            self._started, text = True, text.lstrip()
+        else:
+            skipped = 0
+        for i, char in enumerate(text):
+            if self._in_string:
+                if self._escaped:
+                    self._escaped = False
+                elif char == "\\":
+                    self._escaped = True
+                elif char == '"':
+                    self._in_string = False
+            elif char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._depth += 1
+            elif char in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    self.done = True
+                    return text[: i + 1], skipped + i + 1
+        return text, skipped + len(text)
 
 
 def _calls_in(value: Any, args_key: str) -> list[ToolCall] | None:

@@ -145,7 +145,8 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, plan: ToolPla
 def _parts(model: ServedModel, data: ChatCompletionRequest, delta: Delta, reader: ToolCallStream | None,
            calls_made: list[int]) -> list[ChatChunkChoice]:
     """One choice's step as streamed deltas. With tools, text is released only once it cannot be the start of
-    a call, and each call goes out as OpenAI streams one: index, id, type and name, then its arguments."""
+    a call, and each call goes out as OpenAI streams one: index, id, type and name, then its arguments in
+    pieces as the model writes them."""
     text, calls = delta.text, []
     if reader is not None:
         text, calls = reader.feed(delta.text)
@@ -157,12 +158,13 @@ def _parts(model: ServedModel, data: ChatCompletionRequest, delta: Delta, reader
     if text or (logprobs and delta.logprobs):
         parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(content=text or None), logprobs=logprobs))
     for call in calls:
-        k = calls_made[delta.index]
-        calls_made[delta.index] += 1
-        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(tool_calls=[ToolCallDelta(
-            index=k, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments=""))])))
-        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(tool_calls=[ToolCallDelta(
-            index=k, function=FunctionCallDelta(arguments=call.arguments))])))
+        if call.id is not None:
+            calls_made[delta.index] += 1
+            function = FunctionCallDelta(name=call.name, arguments=call.arguments)
+            piece = ToolCallDelta(index=call.index, id=call.id, type="function", function=function)
+        else:
+            piece = ToolCallDelta(index=call.index, function=FunctionCallDelta(arguments=call.arguments))
+        parts.append(ChatChunkChoice(index=delta.index, delta=ChatDelta(tool_calls=[piece])))
     if delta.finish_reason:
         finish = _finish(delta.finish_reason, calls_made[delta.index] > 0)
         if parts:
