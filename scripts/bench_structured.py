@@ -3,10 +3,12 @@ price of a schema's first use.
 
     python scripts/bench_structured.py MODEL_DIR [MODEL_DIR...] [--streams 1,8] [--repeat 3] [--json out.json]
 
-Runs the engine the server runs (continuous batching, the grammar mask inside its step), without HTTP. Free
-rows generate --new-tokens with ignore_eos; constrained rows follow a schema of --items fixed-size records
-(about as many tokens), sampled at temperature 1 like the free ones. Decode figures exclude the first token;
-rounds alternate free and constrained, and the table shows medians. Comparable only within one run.
+Runs the engine the server runs (continuous batching, the grammar mask inside its step), without HTTP.
+Constrained rows follow a schema of --items records, sampled at temperature 1; then free rows, sampled the
+same way with ignore_eos, generate exactly as many tokens as their constrained twins, so both runs have the
+same batch at every step (rows that finish early would otherwise make the batch smaller and the figure
+lower). Decode figures exclude the first token; the table shows medians of --repeat rounds. Comparable only
+within one run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,23 +50,24 @@ async def _stream(engine: GenerationEngine, request: GenerationRequest) -> tuple
     return submitted, first, last, tokens
 
 
-async def _round(engine: GenerationEngine, requests: list[GenerationRequest]) -> dict[str, float]:
+async def _round(engine: GenerationEngine, requests: list[GenerationRequest]) -> dict:
     runs = await asyncio.gather(*(_stream(engine, r) for r in requests))
     start = min(r[1] for r in runs)
     end = max(r[2] for r in runs)
     decoded = sum(r[3] - 1 for r in runs)
     return {"decode_tok_s": decoded / (end - start), "ttft_ms": statistics.median(r[1] - r[0] for r in runs) * 1000,
-            "tokens_per_row": statistics.mean(r[3] for r in runs)}
+            "tokens": [r[3] for r in runs]}
 
 
-def _requests(model: ServedModel, streams: int, grammar: CompiledGrammar | None, new_tokens: int,
+def _requests(model: ServedModel, grammar: CompiledGrammar | None, lengths: list[int],
               seed: int) -> list[GenerationRequest]:
+    """Constrained rows (``grammar``) end with their grammar, within ``lengths``; free ones run to ``lengths``."""
     prompt = model.chat_template.render([{"role": "user", "content": "List some people as JSON records with their "
                                           "name, age and city."}], add_generation_prompt=True)
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
     return [GenerationRequest(prompt_ids=ids, params=SamplingParams(temperature=1.0, seed=seed + i),
-                              max_tokens=new_tokens if grammar is None else 4 * new_tokens,
-                              ignore_eos=grammar is None, grammar=grammar) for i in range(streams)]
+                              max_tokens=length, ignore_eos=grammar is None, grammar=grammar)
+            for i, length in enumerate(lengths)]
 
 
 def bench(folder: Path, streams: list[int], repeat: int, new_tokens: int, items: int, threads: int) -> dict:
@@ -81,14 +87,17 @@ def bench(folder: Path, streams: list[int], repeat: int, new_tokens: int, items:
         timings["cached_schema"] = (time.perf_counter() - started) * 1000
         result: dict = {"model": model.id, "provider": model.provider, "tokenizer_build_ms": tokenizer_ms,
                         "compile_ms": timings, "levels": {}}
-        asyncio.run(_round(model.generator, _requests(model, 1, grammar, new_tokens, 0)))  # warm-up
+        asyncio.run(_round(model.generator, _requests(model, grammar, [4 * new_tokens], 0)))  # warm-up
         for n in streams:
-            rounds: dict[str, list[dict[str, float]]] = {"free": [], "json_schema": []}
+            rounds: dict[str, list[dict]] = {"free": [], "json_schema": []}
             for r in range(repeat):
-                for label, g in (("free", None), ("json_schema", grammar)):
-                    rounds[label].append(asyncio.run(_round(model.generator,
-                                                            _requests(model, n, g, new_tokens, 100 * r))))
-            result["levels"][n] = {label: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+                constrained = asyncio.run(_round(model.generator,
+                                                 _requests(model, grammar, [4 * new_tokens] * n, 100 * r)))
+                free = asyncio.run(_round(model.generator, _requests(model, None, constrained["tokens"], 100 * r)))
+                rounds["json_schema"].append(constrained)
+                rounds["free"].append(free)
+            result["levels"][n] = {label: {key: statistics.median(run[key] for run in runs)
+                                           for key in ("decode_tok_s", "ttft_ms")} | {"tokens": runs[-1]["tokens"]}
                                    for label, runs in rounds.items()}
             result["levels"][n]["per_round_ratio"] = [c["decode_tok_s"] / f["decode_tok_s"]
                                                       for f, c in zip(rounds["free"], rounds["json_schema"],
@@ -122,16 +131,25 @@ def main() -> None:
     parser.add_argument("models", nargs="+", type=Path)
     parser.add_argument("--streams", default="1,8")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128, help="a bound: constrained rows stop at 4x this")
     parser.add_argument("--items", type=int, default=8, help="records in the schema's fixed-size array")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--markdown", type=Path, help="also write the table as a page (docs/benchmarks-structured.md)")
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     results = [bench(folder, streams, args.repeat, args.new_tokens, args.items, args.threads) for folder in args.models]
-    print(markdown(results))
+    table = markdown(results)
+    print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+    if args.markdown:
+        command = "python scripts/bench_structured.py " + " ".join(sys.argv[1:])
+        args.markdown.write_text(
+            "# Structured outputs: what constrained decoding costs\n\n"
+            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d')}. Engine level (no HTTP), written by:\n\n```\n{command}\n```\n\n"
+            f"{__doc__.split(chr(10) + chr(10), 2)[2].strip()}\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ export_once() {
 export_once smollm2-fused-fp32 "$gguf" --graph fused --name SmolLM2-135M-Instruct
 export_once smollm2-fused-int4 "$gguf" --graph fused --quantize int4 --name SmolLM2-135M-Instruct
 export_once minilm "$minilm" --name all-MiniLM-L6-v2
+export_once qwen-coder-fused-int4 "$(scripts/fetch_qwen_coder.sh)" --graph fused --quantize int4 \
+  --name Qwen2.5-Coder-0.5B-Instruct
 
 echo "== peers' venvs" >&2
 scripts/peers/hf.sh
@@ -88,6 +90,10 @@ done
 peer "$hf_python" optimum 1 .cache/peers/smollm2-hf
 peer "$hf_python" transformers 1 .cache/peers/smollm2-hf
 peer "$hf_python" sentence-transformers 1 "$minilm"
+
+echo "== structured outputs" >&2
+python scripts/bench_structured.py "$models/smollm2-fused-int4" "$models/qwen-coder-fused-int4" --threads "$threads" \
+  --repeat "$repeat" --json "$out/structured.json" --markdown docs/benchmarks-structured.md >&2
 
 for py in python "$hf_python" "$llama_python"; do "$py" -m pip list --format json; done > "$out/versions.jsonl"
 python scripts/benchmarks_doc.py "$out" docs

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,6 +129,7 @@ class GenerationEngine:
         self._running: list[_Sequence] = []
         self._cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
         self._wake = threading.Condition()
+        self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{name}")
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -164,6 +166,7 @@ class GenerationEngine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        self._grammar_pool.shutdown(wait=False)
 
     # ---- engine thread ---------------------------------------------------------------------
 
@@ -284,6 +287,9 @@ class GenerationEngine:
     def _decode_step(self) -> None:
         tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
         positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
+        for seq in self._running:  # grammar masks are computed while the model runs
+            if seq.sampler.grammar is not None:
+                seq.sampler.grammar.prefetch(self._grammar_pool)
         mask = self._cache.next_mask()
         out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(), in_place=self._cache.shared)
         self._cache.step(out.present)

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,17 @@ class GrammarMatcher:
 
     def __init__(self, matcher: Any) -> None:
         self._matcher = matcher
+        self._next: Future[bytes] | None = None
+
+    def prefetch(self, pool: Executor) -> None:
+        """Start computing the next mask in ``pool``: the engine does this before the model's step, so the
+        grammar works while ONNX Runtime does (it releases the GIL) instead of after it."""
+        self._next = pool.submit(self._matcher.compute_bitmask)
 
     def mask(self, scores: np.ndarray) -> np.ndarray:
         """``scores`` with every token the grammar forbids next at -inf (a new array)."""
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        ready, self._next = self._next, None
+        bits = np.frombuffer(ready.result() if ready is not None else self._matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(bits, count=scores.shape[-1], bitorder="little").view(bool)
         if not allowed.any():
             raise GrammarViolation(f"the grammar allows no token: {self._matcher.get_error() or 'dead end'}")
