@@ -139,7 +139,8 @@ def _follows(compiler: GrammarCompiler, lark: str, text: str) -> bool:
     (HERMES, "none", '{"name": "get_weather"', False),
     (HERMES, "none", "<tool_call>", False),
     (HERMES, "none", "The weather is fine.", True),
-    (LLAMA3_JSON, "auto", '{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "get_time", ', True),
+    (LLAMA3_JSON, "auto", '{"name": "get_weather", "parameters": {"city": "Lima"}}; {"name": "get_time", "parameters": '
+                          '{"zone": "C', True),
     (LLAMA3_JSON, "auto", '{"name": "get_weather", "arguments": {', False),
     (LLAMA3_JSON, "auto", "It is sunny in Lima.", True),
 ])
@@ -282,3 +283,73 @@ def test_bad_tool_requests_are_400s_naming_the_field(server: Server, fields: dic
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
     error = assert_openai_error(response, 400, param=param)
     assert error["type"] == "invalid_request_error"
+
+
+# ---- Mistral's special-token opener and Llama 3's bare JSON, end to end on a tiny random model -----------
+
+# (The tiny model's context is 256 tokens: the templates only count the tools.)
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% if tools %}[AVAILABLE_TOOLS]{{ tools | length }}[/AVAILABLE_TOOLS]{% endif %}"
+    "{% for m in messages %}{% if m.role == 'user' %}[INST]{{ m.content }}[/INST]"
+    "{% elif m.tool_calls %}[TOOL_CALLS] {{ m.tool_calls | tojson }}{% else %}{{ m.content }}{% endif %}{% endfor %}"
+)
+LLAMA_TEMPLATE = (
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{% if m.tool_calls %}"
+    '{% for c in m.tool_calls %}{"name": "{{ c.function.name }}", "parameters": {{ c.function.arguments | tojson }}}'
+    "{% endfor %}{% else %}{{ m.content }}{% endif %}<|eot_id|>{% endfor %}{% if tools %}{{ tools | length }}"
+    "{% endif %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+CITY = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+                                              "required": ["city"], "additionalProperties": False}}
+
+
+@pytest.mark.parametrize(("template", "syntax"), [(MISTRAL_TEMPLATE, MISTRAL), (LLAMA_TEMPLATE, LLAMA3_JSON)])
+def test_other_syntaxes_run_through_the_engine_on_a_tiny_model(tmp_path: Path, template: str,
+                                                               syntax: ToolCallSyntax) -> None:
+    """A random model cannot choose to call, but under `required` the grammar makes it: Mistral's opener must
+    be the special token (kept through decoding), Llama's call the bare JSON with `parameters`."""
+    import asyncio
+    import shutil
+
+    import msgspec
+    from conftest import tiny_export
+
+    from fastllm.config import ModelConfig, RuntimeConfig
+    from fastllm.runtime.models import load_model
+    from fastllm.server import requests
+    from fastllm.server.schemas import ChatCompletionRequest
+
+    folder = shutil.copytree(tiny_export("llama"), tmp_path / "model")
+    (folder / "chat_template.jinja").write_text(template)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    pad = next(t for t in tokenizer["added_tokens"] if t["content"] == "<|pad|>")  # stands in for [TOOL_CALLS]
+    pad["content"] = "[TOOL_CALLS]"
+    tokenizer["model"]["vocab"]["[TOOL_CALLS]"] = tokenizer["model"]["vocab"].pop("<|pad|>")
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+
+    model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=1), tmp_path)
+    try:
+        assert model.tool_syntax is syntax
+        body = msgspec.json.decode(json.dumps({
+            "model": "m", "messages": [{"role": "user", "content": "Weather in Rome?"}], "temperature": 1, "seed": 3,
+            "max_tokens": 120, "tools": [{"type": "function", "function": CITY}], "tool_choice": "required",
+        }), type=ChatCompletionRequest)
+
+        async def answer() -> str:
+            request, plan = await requests.chat_request(model, body, max_n=1)
+            assert plan is not None and plan.syntax is syntax
+            assert request.skip_special_tokens is (syntax is not MISTRAL)
+            text = ""
+            async for step in model.generator.generate(request):
+                text += "".join(d.text for d in step)
+            return text
+
+        text = asyncio.run(answer())
+    finally:
+        model.close()
+    assert text.startswith("[TOOL_CALLS] [" if syntax is MISTRAL else '{"name": "get_weather", "parameters": ')
+    content, calls = syntax.parse(text)
+    assert content is None and calls
+    for call in calls:
+        assert call.name == "get_weather"
+        jsonschema.validate(json.loads(call.arguments), CITY["parameters"])

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fastllm.runtime.grammar import JSON_OPTIONS
+
 TOOL_CALL_FORMATS = ("auto", "hermes", "mistral", "llama3_json", "fallback")
 
 
@@ -56,7 +58,7 @@ class ToolCallSyntax:
              "required": ["name", self.args_key], "additionalProperties": False}
             for tool in tools
         ]
-        return variants[0] if len(variants) == 1 else {"anyOf": variants}
+        return {**(variants[0] if len(variants) == 1 else {"anyOf": variants}), "x-guidance": JSON_OPTIONS}
 
     def lark(self, tools: Sequence[dict[str, Any]], *, choice: str, parallel: bool, start_token: int | None,
              answer: str | None = None) -> str:
@@ -85,7 +87,8 @@ class ToolCallSyntax:
         forms = [f"{_literal(lead)} {one} {_literal(close)}" if lead else f"{one} {'' if self.start else separated}"
                  for lead, close in leading]
         if self.array:
-            items = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+            items = {"type": "array", "items": schema, "minItems": 1, **({} if parallel else {"maxItems": 1}),
+                     "x-guidance": JSON_OPTIONS}
             calls = f'{opener} " " %json {json.dumps(items)}'
             forms.append(calls)
         elif not self.start:  # bare JSON: the calls are the leading form itself
