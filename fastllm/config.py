@@ -102,6 +102,9 @@ class RuntimeConfig(_Section):
     embedding_batch_size: int = Field(default=32, ge=1)
     # Keep the KV cache on the device between decode steps (ONNX Runtime IOBinding): "auto" = on GPUs.
     io_binding: Literal["auto", "on", "off"] = "auto"
+    # Host memory for the prefix cache, per model: the KV of recent prompts, reused by prompts that start
+    # the same way (system prompts, tools, chat histories). 0 turns it off.
+    prefix_cache_mb: int = Field(default=1024, ge=0)
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -134,6 +134,15 @@ class Decoder:
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
         return StepOutput(logits=out.logits[:, -1, :], present=out.present)
 
+    def prefill_after(self, prompt: list[int], start: int, past: list[KV]) -> StepOutput:
+        """One prompt whose first ``start`` tokens' KV is ``past``: only the rest is computed, in one
+        multi-token step with a past (the step chunked prefill and speculative verification take too).
+        Both graph kinds give exactly the logits of a whole prefill (checked in the tests)."""
+        ids = np.asarray([prompt[start:]], dtype=np.int64)
+        mask = np.ones((1, len(prompt)), dtype=np.int64)
+        positions = np.arange(start, len(prompt), dtype=np.int64)[None]
+        return self.forward(ids, mask, positions, past)
+
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[KV], *, all_logits: bool = False, in_place: bool = False) -> StepOutput:
         """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding.

@@ -1,7 +1,8 @@
 """Continuous batching: one engine thread runs the model, asyncio handlers only wait on queues.
 
 Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget
-(several prompts in one run where the graph allows),
+(several prompts in one run where the graph allows; a prompt whose start is in the prefix cache computes
+only the rest, on the cached KV),
 (2) runs one decode step for every running sequence together, (3) samples each row through its logits
 processors (penalties, bias, and the grammar mask of a constrained row, so constrained and free rows share
 the batch), detokenizes and checks stops per sequence, and (4) drops finished or cancelled sequences
@@ -19,6 +20,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.detokenize import IncrementalDetokenizer
 from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache
+from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from fastllm.tokenization.tokenizer import Tokenizer
 
@@ -76,6 +79,7 @@ class Delta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # on a choice's first delta: prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -100,6 +104,7 @@ class _Pending:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.unfinished = request.n
+        self.reused: tuple[int, list[Any] | None] | None = None  # (tokens, KV) of its cached prefix, once looked up
 
     def send(self, item: list[Delta] | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -116,8 +121,10 @@ class EngineStats:
 
 class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
-                 max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "") -> None:
+                 max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.decoder = decoder
+        self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
         self.eos = frozenset(eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -221,7 +228,11 @@ class GenerationEngine:
                 longest = 0
                 while self._waiting:
                     pending = self._waiting[0]
-                    ids = len(pending.request.prompt_ids)
+                    if pending.reused is None:  # the prefix store is consulted once, at the head of the queue
+                        pending.reused = self._reused(pending.request.prompt_ids)
+                    if pending.reused[0] and group:
+                        break  # a prompt that continues a cached prefix is prefilled alone
+                    ids = len(pending.request.prompt_ids) - pending.reused[0]
                     padded = max(longest, ids) * (len(group) + 1)
                     fits = pending.request.n <= slots
                     affordable = padded <= budget or (not group and budget == self.max_prefill_tokens)
@@ -230,7 +241,7 @@ class GenerationEngine:
                     group.append(self._waiting.popleft())
                     slots -= pending.request.n
                     longest = max(longest, ids)
-                    if not self.decoder.batched_prefill:
+                    if not self.decoder.batched_prefill or pending.reused[0]:
                         break
             if not group:
                 return
@@ -251,8 +262,18 @@ class GenerationEngine:
             log.exception("prefill failed for a request to %s", self.name)
             group[0].send(EngineError("the model failed while reading this prompt"))
 
+    def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
+        return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)
+
     def _prefill(self, group: list[_Pending]) -> None:
-        out = self.decoder.prefill([p.request.prompt_ids for p in group])
+        reused, past = group[0].reused or (0, None)
+        if past is not None:  # one prompt, of which only what follows the cached prefix is computed
+            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past)
+        else:
+            out = self.decoder.prefill([p.request.prompt_ids for p in group])
+        if self.prefix_cache is not None:
+            for row, pending in enumerate(group):
+                self.prefix_cache.store(pending.request.prompt_ids, out.present, row)
         self.stats.prefill_runs += 1
         rows: list[int] = []
         alive: list[_Sequence] = []
@@ -271,7 +292,10 @@ class GenerationEngine:
                 )
                 for i in range(request.n)
             ]
-            sent.append((pending, [self._accept(seq, out.logits[row]) for seq in sequences]))
+            deltas = [self._accept(seq, out.logits[row]) for seq in sequences]
+            for delta in deltas:
+                delta.cached_tokens = reused
+            sent.append((pending, deltas))
             still = [s for s in sequences if s.finish_reason is None]
             rows += [row] * len(still)
             alive += still

@@ -16,6 +16,7 @@ from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
 from fastllm.runtime.grammar import GrammarCompiler
+from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.tokenization import ChatTemplate, Tokenizer
 from fastllm.tokenization.tool_calls import FALLBACK, ToolCallSyntax, detect_syntax
 
@@ -121,9 +122,11 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
     created = int((folder / manifest.onnx_file).stat().st_mtime) if (folder / manifest.onnx_file).exists() else 0
     if manifest.is_generative:
         decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, **options)
+        prefix_cache = PrefixCache(runtime.prefix_cache_mb * 2**20) if runtime.prefix_cache_mb else None
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
             max_prefill_tokens=runtime.max_prefill_tokens, max_queue=runtime.max_queue, name=served_id,
+            prefix_cache=prefix_cache,
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)

@@ -140,6 +140,8 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Lit
                 metrics.watch_engine(model.id, lambda g=model.generator: g.stats)
             if model.grammars is not None:
                 metrics.watch_grammars(model.id, model.grammars)
+            if model.generator is not None and model.generator.prefix_cache is not None:
+                metrics.watch_prefix_cache(model.id, model.generator.prefix_cache)
         app.state.registry = models
         started = time.monotonic()
         log.info("serving %s on http://%s:%s", ", ".join(m.id for m in models), settings.server.host,

@@ -31,11 +31,28 @@ class Metrics:
                                        "compiled for constrained decoding", ["model"], registry=r)
         self.grammar_cache_hits = Gauge("fastllm_grammar_cache_hits", "Constrained requests whose grammar was "
                                         "already compiled", ["model"], registry=r)
+        self._prefix_gauges: dict[str, Gauge] = {}
 
     def watch_engine(self, model: str, stats: Callable[[], Any]) -> None:
         """Gauges read live from an engine's stats at scrape time."""
         self.queue_depth.labels(model).set_function(lambda: stats().waiting)
         self.batch_size.labels(model).set_function(lambda: stats().running)
+
+    def watch_prefix_cache(self, model: str, cache: Any) -> None:
+        """The prefix cache's counters, read at scrape time (hit rate = hits / queries)."""
+        for name, help_text, read in (
+            ("queries", "Prompts looked up in the prefix cache", lambda: cache.stats.queries),
+            ("hits", "Prompts that reused cached KV", lambda: cache.stats.hits),
+            ("cached_tokens", "Prompt tokens reused from the prefix cache", lambda: cache.stats.cached_tokens),
+            ("evicted_blocks", "Blocks evicted from the prefix cache", lambda: cache.stats.evicted_blocks),
+            ("bytes", "Host memory held by the prefix cache", lambda: cache.used_bytes),
+            ("budget_bytes", "The prefix cache's memory budget", lambda: cache.budget_bytes),
+        ):
+            gauge = self._prefix_gauges.get(name)
+            if gauge is None:
+                gauge = self._prefix_gauges[name] = Gauge(f"fastllm_prefix_cache_{name}", help_text, ["model"],
+                                                          registry=self.registry)
+            gauge.labels(model).set_function(read)
 
     def watch_grammars(self, model: str, compiler: Any) -> None:
         self.grammars_compiled.labels(model).set_function(lambda: compiler.compiled)

@@ -15,6 +15,7 @@ from fastllm.runtime.generation import Delta, GenerationRequest
 from fastllm.runtime.models import ServedModel
 from fastllm.runtime.sampling import TokenLogprob
 from fastllm.server.metrics import Metrics
+from fastllm.server.schemas import PromptTokensDetails, Usage
 
 log = logging.getLogger("fastllm.requests")
 
@@ -35,6 +36,7 @@ class ChoiceState:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    cached_tokens: int = 0
 
 
 async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, timeout: float,
@@ -84,11 +86,24 @@ async def run(model: ServedModel, request: GenerationRequest, metrics: Metrics, 
                  generated, request.n, ttft * 1000, (time.perf_counter() - started) * 1000, outcome)
 
 
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    """OpenAI's usage, with the prompt tokens the prefix cache spared in ``prompt_tokens_details``."""
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def prompt_cached_tokens(deltas: list[Delta], n: int) -> int:
+    """Cached prompt tokens announced in ``deltas``: each prompt's first choice (index % n == 0) says it once."""
+    return sum(d.cached_tokens for d in deltas if d.index % n == 0)
+
+
 def accumulate(states: list[ChoiceState], deltas: list[Delta]) -> None:
     for delta in deltas:
         state = states[delta.index]
         state.text += delta.text
         state.tokens += len(delta.token_ids)
         state.logprobs.extend(delta.logprobs)
+        state.cached_tokens = max(state.cached_tokens, delta.cached_tokens)
         if delta.finish_reason:
             state.finish_reason = delta.finish_reason

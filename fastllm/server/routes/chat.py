@@ -19,7 +19,7 @@ from fastllm.server.constraints import ToolPlan
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
 from fastllm.server.openapi import MODEL_ERRORS, responses, streaming
-from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
+from fastllm.server.outputs import ChoiceState, accumulate, prompt_cached_tokens, request_id, run, usage
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import (
     AssistantMessage,
@@ -81,8 +81,7 @@ class ChatController(Controller):
         body = ChatCompletion(
             id=completion_id, created=created, model=model.id,
             choices=[_choice(model, data, plan, i, s) for i, s in enumerate(states)],
-            usage=Usage(prompt_tokens=len(request.prompt_ids), completion_tokens=completion_tokens,
-                        total_tokens=len(request.prompt_ids) + completion_tokens),
+            usage=usage(len(request.prompt_ids), completion_tokens, states[0].cached_tokens),
         )
         return Response(msgspec.json.encode(body), media_type="application/json")
 
@@ -114,7 +113,7 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, plan: ToolPla
         return msgspec.json.encode(ChatCompletionChunk(id=completion_id, created=created, model=model.id,
                                                        choices=choices, usage=usage))
 
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     try:
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                      for i in range(data.n)])
@@ -125,6 +124,7 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, plan: ToolPla
             # Each choice's parts of this step (text, then each call's header and arguments), sent as chunks
             # in order: the k-th chunk holds the k-th part of every choice that has one.
             parts: list[list[ChatChunkChoice]] = []
+            cached_tokens += prompt_cached_tokens(step, data.n)
             for delta in step:
                 completion_tokens += len(delta.token_ids)
                 parts.append(_parts(model, data, delta, readers[delta.index] if readers else None, calls_made))
@@ -132,8 +132,7 @@ async def _stream(model: ServedModel, data: ChatCompletionRequest, plan: ToolPla
                 yield chunk([p[k] for p in parts if k < len(p)])
             step = await anext(rest, None)
         if include_usage:
-            yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens))
+            yield chunk([], usage(prompt_tokens, completion_tokens, cached_tokens))
     except Exception as exc:  # headers are sent: the error travels as a final event
         log.warning("stream %s ended by error: %s", completion_id, exc)
         yield error_payload(exc)

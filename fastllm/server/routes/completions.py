@@ -20,7 +20,7 @@ from fastllm.server import requests
 from fastllm.server.errors import error_payload
 from fastllm.server.metrics import Metrics
 from fastllm.server.openapi import MODEL_ERRORS, responses, streaming
-from fastllm.server.outputs import ChoiceState, accumulate, request_id, run
+from fastllm.server.outputs import ChoiceState, accumulate, prompt_cached_tokens, request_id, run, usage
 from fastllm.server.registry import ModelRegistry
 from fastllm.server.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, Usage
 
@@ -119,8 +119,8 @@ class CompletionsController(Controller):
                 else None,
             ))
         body = Completion(id=completion_id, created=created, model=model.id, choices=choices,
-                          usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                      total_tokens=prompt_tokens + completion_tokens))
+                          usage=usage(prompt_tokens, completion_tokens,
+                                      sum(s.cached_tokens for s in states[::data.n])))
         return Response(msgspec.json.encode(body), media_type="application/json")
 
 
@@ -131,7 +131,7 @@ async def _stream(model: ServedModel, data: CompletionRequest, first: list[Delta
         return msgspec.json.encode(Completion(id=completion_id, created=created, model=model.id,
                                               choices=choices, usage=usage))
 
-    completion_tokens = 0
+    completion_tokens = cached_tokens = 0
     offsets = [len(echoes[i // data.n]) for i in range(len(echoes) * data.n)]
     try:
         if data.echo:
@@ -140,6 +140,7 @@ async def _stream(model: ServedModel, data: CompletionRequest, first: list[Delta
         step: list[Delta] | None = first
         while step is not None:
             choices = []
+            cached_tokens += prompt_cached_tokens(step, data.n)
             for delta in step:
                 completion_tokens += len(delta.token_ids)
                 logprobs = None
@@ -153,8 +154,7 @@ async def _stream(model: ServedModel, data: CompletionRequest, first: list[Delta
                 yield chunk(choices)
             step = await anext(rest, None)
         if data.stream_options and data.stream_options.include_usage:
-            yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                  total_tokens=prompt_tokens + completion_tokens))
+            yield chunk([], usage(prompt_tokens, completion_tokens, cached_tokens))
     except Exception as exc:
         log.warning("stream %s ended by error: %s", completion_id, exc)
         yield error_payload(exc)

@@ -1,0 +1,116 @@
+"""Prefix caching: the KV of prompts kept after their requests, reused token-exactly by later prompts that start
+the same way (a system prompt, tool definitions, a chat's history, few-shot examples).
+
+The store holds fixed-size blocks of ``block`` tokens, as vLLM's automatic prefix caching does: a block is
+found by its tokens and its parent block (the whole prefix before it), so two prompts share exactly the blocks
+of their common block-aligned prefix, whoever sent them. Blocks live on the host (numpy) in one LRU under a
+byte budget; a block is always more recent than its parent (a chain is touched leaf first), so eviction takes
+leaves before the prefixes they extend and never strands a reachable block behind an evicted one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fastllm.runtime.kv_cache import to_host
+
+log = logging.getLogger(__name__)
+
+_ROOT = 0  # the parent key of a prompt's first block
+
+
+@dataclass
+class _Block:
+    parent: int
+    tokens: tuple[int, ...]
+    kv: list[np.ndarray]  # per cache tensor (layer key, layer value, ...): [heads, block, head_dim]
+    nbytes: int
+
+
+@dataclass
+class PrefixStats:
+    queries: int = 0  # prompts looked up
+    hits: int = 0  # prompts that reused at least one block
+    cached_tokens: int = 0  # prompt tokens reused instead of computed
+    stored_blocks: int = 0
+    evicted_blocks: int = 0
+
+
+class PrefixCache:
+    def __init__(self, budget_bytes: int, *, block: int = 16) -> None:
+        self.budget_bytes = budget_bytes
+        self.block = block
+        self.used_bytes = 0
+        self.stats = PrefixStats()
+        self._blocks: OrderedDict[int, _Block] = OrderedDict()
+
+    @property
+    def blocks(self) -> int:
+        return len(self._blocks)
+
+    def match(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
+        """The longest cached prefix of ``ids`` that leaves at least one token to compute (its logits are
+        the next token's), and its KV as a batch of one: ``(tokens, [1, heads, tokens, head_dim] per tensor)``."""
+        self.stats.queries += 1
+        chain: list[_Block] = []
+        parent = _ROOT
+        for start in range(0, len(ids) - 1 - self.block + 1, self.block):
+            tokens = tuple(ids[start:start + self.block])
+            key = hash((parent, tokens))
+            block = self._blocks.get(key)
+            if block is None or block.parent != parent or block.tokens != tokens:  # a hash collision is a miss
+                break
+            chain.append(block)
+            parent = key
+        if not chain:
+            return 0, None
+        self._touch(ids, len(chain))
+        self.stats.hits += 1
+        length = len(chain) * self.block
+        self.stats.cached_tokens += length
+        past = [np.concatenate([b.kv[i] for b in chain], axis=1)[None] for i in range(len(chain[0].kv))]
+        return length, past
+
+    def store(self, ids: list[int], present: list[Any], row: int) -> None:
+        """Keep the KV of ``ids``'s full blocks, from ``row`` of a prefill's ``present`` (its first columns are
+        the prompt's: rows are right-padded, or alone). Blocks already held are only touched."""
+        full = len(ids) // self.block
+        parent = _ROOT
+        host: list[np.ndarray] | None = None
+        for index in range(full):
+            start = index * self.block
+            tokens = tuple(ids[start:start + self.block])
+            key = hash((parent, tokens))
+            if key not in self._blocks:
+                host = host or [to_host(p) for p in present]
+                kv = [np.array(p[row, :, start:start + self.block, :]) for p in host]
+                nbytes = sum(k.nbytes for k in kv)
+                if nbytes > self.budget_bytes:
+                    return
+                self._blocks[key] = _Block(parent, tokens, kv, nbytes)
+                self.used_bytes += nbytes
+                self.stats.stored_blocks += 1
+            parent = key
+        self._touch(ids, full)
+        self._evict()
+
+    def _touch(self, ids: list[int], blocks: int) -> None:
+        """Mark a chain as just used, leaf first, so that every block stays more recent than its parent."""
+        keys, parent = [], _ROOT
+        for index in range(blocks):
+            parent = hash((parent, tuple(ids[index * self.block:(index + 1) * self.block])))
+            keys.append(parent)
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
+
+    def _evict(self) -> None:
+        while self.used_bytes > self.budget_bytes and self._blocks:
+            _, block = self._blocks.popitem(last=False)
+            self.used_bytes -= block.nbytes
+            self.stats.evicted_blocks += 1

@@ -1,0 +1,147 @@
+"""Prefix caching: prompts that start like an earlier one reuse its KV, token-exactly, on every architecture."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+from conftest import tiny_export
+from serving import Server
+
+from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.runtime.generation import GenerationRequest
+from fastllm.runtime.models import ServedModel, load_model
+from fastllm.runtime.prefix_cache import PrefixCache
+from fastllm.runtime.sampling import SamplingParams
+
+CHAT = "SmolLM2-135M-Instruct"
+
+
+def _greedy(model: ServedModel, prompt: list[int], tokens: int = 12) -> tuple[list[int], int]:
+    """(greedy tokens, prompt tokens reused from the prefix cache) through the engine the server runs."""
+    async def run() -> tuple[list[int], int]:
+        ids, cached = [], 0
+        request = GenerationRequest(prompt_ids=prompt, params=SamplingParams(temperature=0.0), max_tokens=tokens,
+                                    ignore_eos=True)
+        async for step in model.generator.generate(request):
+            for delta in step:
+                ids += delta.token_ids
+                cached = max(cached, delta.cached_tokens)
+        return ids, cached
+
+    return asyncio.run(run())
+
+
+def _load(folder: Path, prefix_cache_mb: int) -> ServedModel:
+    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=1, prefix_cache_mb=prefix_cache_mb),
+                      folder.parent)
+
+
+def _token_exact(folder: Path, shared: list[int], tails: list[list[int]]) -> None:
+    """Each prompt (shared + tail) gives the same greedy tokens with the cache off and on, reusing the shared
+    part's full blocks from the second prompt on."""
+    off, on = _load(folder, 0), _load(folder, 64)
+    try:
+        for i, tail in enumerate(tails):
+            prompt = shared + tail
+            expected, none = _greedy(off, prompt)
+            got, cached = _greedy(on, prompt)
+            assert got == expected
+            assert none == 0
+            block = on.generator.prefix_cache.block
+            assert cached == (0 if i == 0 else len(shared) // block * block)
+    finally:
+        off.close()
+        on.close()
+
+
+@pytest.mark.parametrize(("name", "options"), [
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("phi3", {}), ("gemma", {}),
+    ("llama", {"graph": "fused"}), ("qwen2", {"graph": "fused"}), ("mistral", {"graph": "fused"}),
+    ("phi3", {"graph": "fused"}), ("gemma", {"graph": "fused"}),
+])
+def test_reuse_is_token_exact_on_every_architecture(name: str, options: dict) -> None:
+    rng = np.random.default_rng(0)
+    shared = [int(t) for t in rng.integers(10, 300, 70)]
+    _token_exact(tiny_export(name, **options), shared, [[11, 12, 13], [14, 15], [16, 17, 18, 19, 20]])
+
+
+@pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
+def test_reuse_is_token_exact_on_smollm2(export: str, request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(export)
+    model = _load(folder, 0)
+    encode = model.tokenizer.encode
+    shared = encode("You are a helpful assistant who answers in one short sentence. " * 6, add_special_tokens=False)
+    tails = [encode(q, add_special_tokens=False) for q in ("What is 2+2?", "Name a color.", "Where is Paris?")]
+    model.close()
+    _token_exact(folder, shared, tails)
+
+
+def _kv(blocks: int, block: int = 4) -> list[np.ndarray]:
+    return [np.full((1, 2, blocks * block, 8), float(i), dtype=np.float32) for i in range(4)]
+
+
+def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> None:
+    block_bytes = 4 * 2 * 4 * 8 * 4  # tensors x heads x tokens x dim x float32
+    cache = PrefixCache(10 * block_bytes, block=4)
+    base = list(range(1000, 1008))  # two blocks every prompt shares
+    for i in range(20):  # each prompt adds two blocks of its own
+        prompt = [*base, *range(i * 100, i * 100 + 8), 7]
+        cache.store(prompt, _kv(4), row=0)
+        assert cache.used_bytes <= cache.budget_bytes
+    assert cache.blocks == 10
+    assert cache.stats.stored_blocks == 4 + 19 * 2  # the shared blocks are stored once
+    assert cache.stats.evicted_blocks == cache.stats.stored_blocks - cache.blocks
+    # The shared prefix, touched by every prompt, survived; so did the newest prompts' own blocks.
+    reused, past = cache.match([*base, *range(1900, 1908), 7])
+    assert reused == 16 and past is not None and past[0].shape == (1, 2, 16, 8)
+    assert cache.match([*base, *range(0, 8), 7])[0] == 8  # an old prompt's own blocks are gone, not its prefix
+    assert cache.match([1, 2, 3])[0] == 0
+
+
+def test_a_prompt_never_reuses_its_last_token() -> None:
+    cache = PrefixCache(1 << 20, block=4)
+    prompt = list(range(8))
+    cache.store(prompt, _kv(2), row=0)
+    assert cache.match(prompt)[0] == 4  # the logits of the last token must be computed
+    assert cache.match([*prompt, 99])[0] == 8
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+SYSTEM = "You are a patient tutor. " + " ".join(f"Guideline {i}: explain step {i} clearly." for i in range(40))
+
+
+def _ask(client: openai.OpenAI, question: str, **options: object) -> object:
+    return client.chat.completions.create(model=CHAT, temperature=0, max_tokens=16, **options,
+                                          messages=[{"role": "system", "content": SYSTEM},
+                                                    {"role": "user", "content": question}])
+
+
+def test_cached_tokens_are_reported_in_usage_streamed_and_not(client: openai.OpenAI) -> None:
+    first = _ask(client, "What is a prime number?")
+    again = _ask(client, "What is a prime number?")
+    assert again.choices[0].message.content == first.choices[0].message.content
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens - 16 <= cached < again.usage.prompt_tokens
+    chunks = list(_ask(client, "What is an even number?", stream=True, stream_options={"include_usage": True}))
+    details = chunks[-1].usage.prompt_tokens_details
+    assert 0 < details.cached_tokens < chunks[-1].usage.prompt_tokens
+    completion = client.completions.create(model=CHAT, prompt=[SYSTEM + " One.", SYSTEM + " Two."], max_tokens=2)
+    assert completion.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_requests_sharing_a_prefix_concurrently_answer_as_alone(client: openai.OpenAI) -> None:
+    questions = [f"What is {i} times {i}?" for i in range(2, 7)]
+    alone = {q: _ask(client, q).choices[0].message.content for q in questions}
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        together = dict(zip(questions, pool.map(lambda q: _ask(client, q).choices[0].message.content, questions),
+                            strict=True))
+    assert together == alone
