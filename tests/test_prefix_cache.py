@@ -81,8 +81,29 @@ def test_reuse_is_token_exact_on_smollm2(export: str, request: pytest.FixtureReq
     _token_exact(folder, shared, tails)
 
 
+def test_an_answer_is_reused_by_the_next_turn(smollm2_fp32: Path) -> None:
+    """A chat resends its history: the KV of the answer the model gave (not only of its prompt) is kept."""
+    off, on = _load(smollm2_fp32, 0), _load(smollm2_fp32, 64)
+    try:
+        encode = on.tokenizer.encode
+        first = encode("<|im_start|>user\nTell me about the sea.<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)
+        answer, _ = _greedy(on, first, tokens=40)
+        second = [*first, *answer, *encode("<|im_end|>\n<|im_start|>user\nAnd rivers?<|im_end|>\n",
+                                           add_special_tokens=False)]
+        expected, _ = _greedy(off, second)
+        got, cached = _greedy(on, second)
+        assert got == expected
+        block = on.generator.prefix_cache.block
+        kept = len(first) + len(answer) - 1  # the last answer token was sampled, never fed: no KV
+        assert cached == kept // block * block > len(first)
+    finally:
+        off.close()
+        on.close()
+
+
 def _kv(blocks: int, block: int = 4) -> list[np.ndarray]:
-    return [np.full((1, 2, blocks * block, 8), float(i), dtype=np.float32) for i in range(4)]
+    return [np.full((2, blocks * block, 8), float(i), dtype=np.float32) for i in range(4)]
 
 
 def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> None:
@@ -91,7 +112,7 @@ def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> N
     base = list(range(1000, 1008))  # two blocks every prompt shares
     for i in range(20):  # each prompt adds two blocks of its own
         prompt = [*base, *range(i * 100, i * 100 + 8), 7]
-        cache.store(prompt, _kv(4), row=0)
+        cache.store(prompt, _kv(4))
         assert cache.used_bytes <= cache.budget_bytes
     assert cache.blocks == 10
     assert cache.stats.stored_blocks == 4 + 19 * 2  # the shared blocks are stored once
@@ -106,7 +127,7 @@ def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> N
 def test_a_prompt_never_reuses_its_last_token() -> None:
     cache = PrefixCache(1 << 20, block=4)
     prompt = list(range(8))
-    cache.store(prompt, _kv(2), row=0)
+    cache.store(prompt, _kv(2))
     assert cache.match(prompt)[0] == 4  # the logits of the last token must be computed
     assert cache.match([*prompt, 99])[0] == 8
 

@@ -28,7 +28,7 @@ from fastllm.errors import EngineError, OverloadedError
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.detokenize import IncrementalDetokenizer
 from fastllm.runtime.grammar import CompiledGrammar
-from fastllm.runtime.kv_cache import BatchCache
+from fastllm.runtime.kv_cache import BatchCache, to_host
 from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from fastllm.tokenization.tokenizer import Tokenizer
@@ -92,6 +92,7 @@ class _Sequence:
     next_token: int = -1
     generated: int = 0
     finish_reason: str | None = None
+    output: list[int] = field(default_factory=list)  # the tokens sampled so far
 
 
 class _Pending:
@@ -272,8 +273,9 @@ class GenerationEngine:
         else:
             out = self.decoder.prefill([p.request.prompt_ids for p in group])
         if self.prefix_cache is not None:
+            present = [to_host(p) for p in out.present]
             for row, pending in enumerate(group):
-                self.prefix_cache.store(pending.request.prompt_ids, out.present, row)
+                self.prefix_cache.store(pending.request.prompt_ids, [p[row] for p in present])
         self.stats.prefill_runs += 1
         rows: list[int] = []
         alive: list[_Sequence] = []
@@ -343,6 +345,7 @@ class GenerationEngine:
         request = seq.request.request
         token, logprob = seq.sampler.sample(logits)
         seq.generated += 1
+        seq.output.append(token)
         seq.next_token = token
         delta = Delta(index=seq.index, token_ids=[token], logprobs=[logprob] if logprob else [])
         if token in self.eos and not request.ignore_eos:
@@ -360,6 +363,12 @@ class GenerationEngine:
 
     def _retain(self, keep: list[_Sequence]) -> None:
         rows = {id(s): i for i, s in enumerate(self._running)}
+        if self.prefix_cache is not None:  # a finished answer's KV serves the conversation's next turn
+            kept = {id(s) for s in keep}
+            for seq in self._running:
+                if id(seq) not in kept and seq.finish_reason in ("stop", "length"):
+                    kv = self._cache.row(rows[id(seq)])
+                    self.prefix_cache.store([*seq.request.request.prompt_ids, *seq.output][: kv[0].shape[1]], kv)
         self._cache.keep([rows[id(s)] for s in keep])
         self._running = keep
         if not keep:

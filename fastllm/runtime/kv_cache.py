@@ -85,6 +85,12 @@ class BatchCache:
         cut = slice(0, width) if self.right_padded else slice(self.width - width, self.width)
         self.past = [np.ascontiguousarray(to_host(p)[index, :, cut, :]) for p in self.past]
 
+    def row(self, row: int) -> list[np.ndarray]:
+        """One row's keys and values, its real columns only: ``[heads, length, head_dim]`` per tensor."""
+        length = int(self.lengths[row])
+        cut = slice(0, length) if self.right_padded else slice(self.width - length, self.width)
+        return [to_host(p)[row, :, cut, :] for p in self.past]
+
     def next_mask(self) -> np.ndarray:
         """The attention mask for a decode step: each row's cache plus the token being fed."""
         width = self.width + 1

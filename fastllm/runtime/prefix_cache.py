@@ -1,5 +1,6 @@
-"""Prefix caching: the KV of prompts kept after their requests, reused token-exactly by later prompts that start
-the same way (a system prompt, tool definitions, a chat's history, few-shot examples).
+"""Prefix caching: the KV of prompts and of finished answers kept after their requests, reused token-exactly by
+later prompts that start the same way (a system prompt, tool definitions, a chat's history with the answer the
+model gave, few-shot examples).
 
 The store holds fixed-size blocks of ``block`` tokens, as vLLM's automatic prefix caching does: a block is
 found by its tokens and its parent block (the whole prefix before it), so two prompts share exactly the blocks
@@ -13,11 +14,8 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-
-from fastllm.runtime.kv_cache import to_host
 
 log = logging.getLogger(__name__)
 
@@ -76,23 +74,21 @@ class PrefixCache:
         past = [np.concatenate([b.kv[i] for b in chain], axis=1)[None] for i in range(len(chain[0].kv))]
         return length, past
 
-    def store(self, ids: list[int], present: list[Any], row: int) -> None:
-        """Keep the KV of ``ids``'s full blocks, from ``row`` of a prefill's ``present`` (its first columns are
-        the prompt's: rows are right-padded, or alone). Blocks already held are only touched."""
+    def store(self, ids: list[int], kv: list[np.ndarray]) -> None:
+        """Keep the KV of ``ids``'s full blocks: ``kv`` holds, per cache tensor, ``[heads, tokens, head_dim]``
+        whose first ``len(ids)`` columns are those tokens'. Blocks already held are only touched."""
         full = len(ids) // self.block
         parent = _ROOT
-        host: list[np.ndarray] | None = None
         for index in range(full):
             start = index * self.block
             tokens = tuple(ids[start:start + self.block])
             key = hash((parent, tokens))
             if key not in self._blocks:
-                host = host or [to_host(p) for p in present]
-                kv = [np.array(p[row, :, start:start + self.block, :]) for p in host]
-                nbytes = sum(k.nbytes for k in kv)
+                kv_block = [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
+                nbytes = sum(k.nbytes for k in kv_block)
                 if nbytes > self.budget_bytes:
                     return
-                self._blocks[key] = _Block(parent, tokens, kv, nbytes)
+                self._blocks[key] = _Block(parent, tokens, kv_block, nbytes)
                 self.used_bytes += nbytes
                 self.stats.stored_blocks += 1
             parent = key
