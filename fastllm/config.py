@@ -94,6 +94,9 @@ class RuntimeConfig(_Section):
     max_batch_size: int = Field(default=8, ge=1, le=256)
     # Prompt tokens prefilled between two decode steps, so new arrivals do not stall running streams.
     max_prefill_tokens: int = Field(default=2048, ge=16)
+    # A prompt longer than this that arrives while others are decoding is prefilled in chunks of this many
+    # tokens, one chunk between two decode steps (chunked prefill); alone, a prompt is prefilled whole.
+    prefill_chunk_tokens: int = Field(default=256, ge=16)
     # Requests waiting for a slot before new ones get 429.
     max_queue: int = Field(default=64, ge=0)
     # Largest `n` (choices per request) a request may ask for.

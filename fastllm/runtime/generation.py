@@ -105,7 +105,9 @@ class _Pending:
         self.cancelled = False
         self.submitted = time.perf_counter()
         self.unfinished = request.n
-        self.reused: tuple[int, list[Any] | None] | None = None  # (tokens, KV) of its cached prefix, once looked up
+        # (tokens, KV) of the prompt's start already computed: found in the prefix cache, then grown by chunks.
+        self.reused: tuple[int, list[Any] | None] | None = None
+        self.cached_tokens = 0  # of those, the ones the prefix cache gave
 
     def send(self, item: list[Delta] | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
@@ -117,13 +119,14 @@ class EngineStats:
     waiting: int = 0
     steps: int = 0
     prefill_runs: int = 0
+    prefill_chunks: int = 0
     last_batch_size: int = 0
 
 
 class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
-                 prefix_cache: PrefixCache | None = None) -> None:
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256) -> None:
         self.decoder = decoder
         self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
@@ -131,6 +134,7 @@ class GenerationEngine:
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.name = name
         self.stats = EngineStats()
         self._waiting: deque[_Pending] = deque()
@@ -219,11 +223,14 @@ class GenerationEngine:
 
         Graphs that batch prompts (right-padded ones) prefill a whole group in one run, where the budget
         counts padded tokens; others prefill one prompt per run. A running batch waits for at most one
-        budget's worth of prefill per step, so admitting never stalls its decoding for long.
+        budget's worth of prefill per step, so admitting never stalls its decoding for long; and a prompt
+        longer than ``prefill_chunk`` arriving while others decode is prefilled one chunk per step (chunked
+        prefill: each chunk a multi-token step on the KV of the chunks before it, as a cached prefix is).
         """
         budget = self.max_prefill_tokens
         while True:
             group: list[_Pending] = []
+            chunked: _Pending | None = None
             with self._wake:
                 slots = self.max_batch_size - len(self._running)
                 longest = 0
@@ -231,11 +238,15 @@ class GenerationEngine:
                     pending = self._waiting[0]
                     if pending.reused is None:  # the prefix store is consulted once, at the head of the queue
                         pending.reused = self._reused(pending.request.prompt_ids)
+                        pending.cached_tokens = pending.reused[0]
                     if pending.reused[0] and group:
                         break  # a prompt that continues a cached prefix is prefilled alone
                     ids = len(pending.request.prompt_ids) - pending.reused[0]
-                    padded = max(longest, ids) * (len(group) + 1)
                     fits = pending.request.n <= slots
+                    if self._running and ids > self.prefill_chunk and fits:
+                        chunked = None if group else pending
+                        break
+                    padded = max(longest, ids) * (len(group) + 1)
                     affordable = padded <= budget or (not group and budget == self.max_prefill_tokens)
                     if not (fits and affordable) and (group or self._running):
                         break
@@ -244,6 +255,9 @@ class GenerationEngine:
                     longest = max(longest, ids)
                     if not self.decoder.batched_prefill or pending.reused[0]:
                         break
+            if chunked is not None:
+                self._prefill_chunk(chunked)
+                return
             if not group:
                 return
             budget -= longest * len(group)
@@ -265,6 +279,26 @@ class GenerationEngine:
 
     def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
         return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)
+
+    def _prefill_chunk(self, pending: _Pending) -> None:
+        """The next ``prefill_chunk`` tokens of a long prompt, on the KV of those before; the request stays at
+        the head of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
+        done, past = pending.reused or (0, None)
+        ids = pending.request.prompt_ids[: done + self.prefill_chunk]
+        try:
+            out = self.decoder.prefill_after(ids, done, past) if past is not None else self.decoder.prefill([ids])
+        except Exception:
+            log.exception("chunked prefill failed for a request to %s", self.name)
+            with self._wake:
+                if self._waiting and self._waiting[0] is pending:
+                    self._waiting.popleft()
+            pending.send(EngineError("the model failed while reading this prompt"))
+            return
+        present = [to_host(p) for p in out.present]
+        pending.reused = (len(ids), present)
+        if self.prefix_cache is not None:
+            self.prefix_cache.store(ids, [p[0] for p in present])
+        self.stats.prefill_chunks += 1
 
     def _prefill(self, group: list[_Pending]) -> None:
         reused, past = group[0].reused or (0, None)
@@ -296,7 +330,7 @@ class GenerationEngine:
             ]
             deltas = [self._accept(seq, out.logits[row]) for seq in sequences]
             for delta in deltas:
-                delta.cached_tokens = reused
+                delta.cached_tokens = pending.cached_tokens
             sent.append((pending, deltas))
             still = [s for s in sequences if s.finish_reason is None]
             rows += [row] * len(still)

@@ -1,0 +1,82 @@
+"""Chunked prefill: a long prompt arriving while others decode is read a chunk per step, and they keep moving."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.runtime.generation import GenerationRequest
+from fastllm.runtime.models import ServedModel, load_model
+from fastllm.runtime.sampling import SamplingParams
+
+
+def _load(folder: Path, **runtime: object) -> ServedModel:
+    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=1, **runtime), folder.parent)
+
+
+def _request(prompt: list[int], tokens: int) -> GenerationRequest:
+    return GenerationRequest(prompt_ids=prompt, params=SamplingParams(temperature=0.0), max_tokens=tokens,
+                             ignore_eos=True)
+
+
+async def _collect(model: ServedModel, request: GenerationRequest, progress: list[int] | None = None,
+                   first: list[int] | None = None, watched: list[int] | None = None) -> list[int]:
+    """The greedy tokens; ``progress[0]`` follows how many have come, and at this request's first token
+    ``first[0]`` takes the value of ``watched[0]`` (another request's progress)."""
+    ids: list[int] = []
+    async for step in model.generator.generate(request):
+        if not ids and first is not None and watched is not None:
+            first[0] = watched[0]
+        for delta in step:
+            ids += delta.token_ids
+        if progress is not None:
+            progress[0] = len(ids)
+    return ids
+
+
+@pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str,
+                                                                    request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(export)
+    whole = _load(folder, prefix_cache_mb=0)
+    chunked = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=64)
+    try:
+        text = "The history of the lighthouse keepers of the northern coast is long and full of storms. " * 30
+        long_prompt = whole.tokenizer.encode(text, add_special_tokens=False)
+        short = whole.tokenizer.encode("Count slowly from one to one hundred:", add_special_tokens=False)
+        assert len(long_prompt) > 6 * 64
+        expected = asyncio.run(_collect(whole, _request(long_prompt, 16)))
+        alone = asyncio.run(_collect(whole, _request(short, 120)))
+
+        async def together() -> tuple[list[int], list[int], int, int, int]:
+            progress, at_first_token = [0], [0]
+            running = asyncio.create_task(_collect(chunked, _request(short, 120), progress))
+            while progress[0] < 4:  # the short stream is decoding
+                await asyncio.sleep(0.01)
+            before = progress[0]
+            got = await _collect(chunked, _request(long_prompt, 16), first=at_first_token, watched=progress)
+            return got, await running, before, at_first_token[0], chunked.generator.stats.prefill_chunks
+
+        got, running_ids, before, during, chunks = asyncio.run(together())
+    finally:
+        whole.close()
+        chunked.close()
+    assert got == expected  # chunks reproduce the whole prefill's answer
+    assert running_ids == alone  # and the running stream's
+    assert chunks >= len(long_prompt) // 64 - 1
+    # A decode step of the running stream follows every chunk: it kept moving while the prompt was read.
+    assert during - before >= chunks
+
+
+def test_alone_a_long_prompt_is_prefilled_whole(smollm2_fp32: Path) -> None:
+    model = _load(smollm2_fp32, prefix_cache_mb=0, prefill_chunk_tokens=64)
+    try:
+        prompt = model.tokenizer.encode("A long story about the sea. " * 60, add_special_tokens=False)
+        asyncio.run(_collect(model, _request(prompt, 4)))
+        assert model.generator.stats.prefill_chunks == 0
+        assert model.generator.stats.prefill_runs == 1
+    finally:
+        model.close()
