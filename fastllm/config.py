@@ -108,6 +108,10 @@ class RuntimeConfig(_Section):
     # Host memory for the prefix cache, per model: the KV of recent prompts, reused by prompts that start
     # the same way (system prompts, tools, chat histories). 0 turns it off.
     prefix_cache_mb: int = Field(default=1024, ge=0)
+    # Memory for the running batch's KV cache, per model: a request waits while admitting it would take the
+    # batch past this (rows share one padded width: rows x longest row); one that alone would is refused.
+    # 0 = no limit.
+    kv_budget_mb: int = Field(default=4096, ge=0)
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -80,3 +80,46 @@ def test_alone_a_long_prompt_is_prefilled_whole(smollm2_fp32: Path) -> None:
         assert model.generator.stats.prefill_runs == 1
     finally:
         model.close()
+
+
+# ---- KV memory as a budget -----------------------------------------------------------------------------
+
+
+def test_admission_waits_for_kv_memory_and_refuses_what_can_never_fit(smollm2_fp32: Path) -> None:
+    from fastllm.errors import InvalidRequestError
+
+    model = _load(smollm2_fp32, prefix_cache_mb=0, kv_budget_mb=2)
+    engine = model.generator
+    try:
+        per_token = engine.kv_token_bytes  # 46 KB for SmolLM2's fp32 cache: 2 MB hold about 45 tokens
+        text = "Tell me about the sea, its moods and storms. " * 5
+        prompt = model.tokenizer.encode(text, add_special_tokens=False)[:30]
+        assert (len(prompt) + 1) * per_token <= 2 * 2**20 < 2 * (len(prompt) + 1) * per_token
+
+        async def two() -> tuple[list[float], list[float]]:
+            finished, started = [0.0, 0.0], [0.0, 0.0]
+
+            async def one(i: int) -> None:
+                async for _ in engine.generate(_request(prompt, 6)):
+                    started[i] = started[i] or asyncio.get_running_loop().time()
+                finished[i] = asyncio.get_running_loop().time()
+
+            await asyncio.gather(one(0), one(1))
+            return started, finished
+
+        started, finished = asyncio.run(two())
+        # Both rows would not fit together: one ran, then the other.
+        assert max(started) >= min(finished)
+        assert engine.kv_bytes() == 0
+
+        long_prompt = model.tokenizer.encode("The sea. " * 40, add_special_tokens=False)
+
+        async def refused() -> None:
+            async for _ in engine.generate(_request(long_prompt, 4)):
+                pass
+
+        with pytest.raises(InvalidRequestError) as caught:
+            asyncio.run(refused())
+        assert caught.value.code == "kv_budget_exceeded"
+    finally:
+        model.close()

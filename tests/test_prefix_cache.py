@@ -166,3 +166,18 @@ def test_requests_sharing_a_prefix_concurrently_answer_as_alone(client: openai.O
         together = dict(zip(questions, pool.map(lambda q: _ask(client, q).choices[0].message.content, questions),
                             strict=True))
     assert together == alone
+
+
+def test_kv_memory_and_its_budgets_show_in_models_and_metrics(client: openai.OpenAI, server: Server) -> None:
+    import httpx
+
+    _ask(client, "What is a triangle?")
+    card = client.models.retrieve(CHAT).model_extra
+    assert card["kv_budget_bytes"] == 4096 * 2**20 and card["prefix_cache_budget_bytes"] == 1024 * 2**20
+    assert 0 < card["prefix_cache_bytes"] <= card["prefix_cache_budget_bytes"]
+    assert card["kv_cache_bytes"] == 0  # nothing decoding now
+    metrics = httpx.get(f"{server.url}/metrics").text
+    for name in ("fastllm_kv_budget_bytes", "fastllm_kv_cache_bytes", "fastllm_prefix_cache_hits",
+                 "fastllm_prefix_cache_queries", "fastllm_prefix_cache_cached_tokens",
+                 "fastllm_prefix_cache_evicted_blocks"):
+        assert f'{name}{{model="{CHAT}"}}' in metrics

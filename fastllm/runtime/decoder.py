@@ -78,6 +78,9 @@ class Decoder:
                         folder.name, self.provider)
         self.num_kv_heads = manifest.num_kv_heads or int(first.shape[1])
         self.head_dim = manifest.head_dim or int(first.shape[3])
+        # One token's keys and values in every layer: what a sequence's cache grows by per token.
+        itemsize = np.dtype(self.kv_dtype).itemsize
+        self.kv_token_bytes = len(self.past_names) * self.num_kv_heads * self.head_dim * itemsize
         logits = next(o for o in self.session.get_outputs() if o.name == "logits")
         self._logits_dtype = _ORT_TO_NUMPY.get(logits.type, np.float32)
         # The graph knows better than a hub repo's config.json; shared decoding binds a logits buffer.

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fastllm.errors import EngineError, OverloadedError
+from fastllm.errors import EngineError, InvalidRequestError, OverloadedError, RequestError
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.detokenize import IncrementalDetokenizer
 from fastllm.runtime.grammar import CompiledGrammar
@@ -126,7 +126,8 @@ class EngineStats:
 class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
-                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256) -> None:
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256,
+                 kv_budget_bytes: int | None = None) -> None:
         self.decoder = decoder
         self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
@@ -135,6 +136,8 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_token_bytes = decoder.kv_token_bytes
         self.name = name
         self.stats = EngineStats()
         self._waiting: deque[_Pending] = deque()
@@ -242,6 +245,14 @@ class GenerationEngine:
                     if pending.reused[0] and group:
                         break  # a prompt that continues a cached prefix is prefilled alone
                     ids = len(pending.request.prompt_ids) - pending.reused[0]
+                    rows_after = sum(p.request.n for p in group) + pending.request.n
+                    longest_prompt = max(len(p.request.prompt_ids) for p in [*group, pending])
+                    if not self._kv_fits(rows_after, longest_prompt):
+                        if group or self._running:
+                            break  # waits until finished rows free their KV
+                        self._waiting.popleft()
+                        pending.send(self._too_large(longest_prompt, pending.request.n))
+                        continue
                     fits = pending.request.n <= slots
                     if self._running and ids > self.prefill_chunk and fits:
                         chunked = None if group else pending
@@ -276,6 +287,26 @@ class GenerationEngine:
                 return
             log.exception("prefill failed for a request to %s", self.name)
             group[0].send(EngineError("the model failed while reading this prompt"))
+
+    def kv_bytes(self) -> int:
+        """Host or device memory the running batch's KV cache holds now (padding and spare columns included)."""
+        return self._cache.allocated_tokens() * self.kv_token_bytes
+
+    def _kv_fits(self, new_rows: int, new_length: int) -> bool:
+        """Whether ``new_rows`` more rows of up to ``new_length`` tokens join the batch within the KV budget:
+        rows share one padded width, so the batch costs rows x its longest row."""
+        if self.kv_budget_bytes is None:
+            return True
+        rows = self._cache.rows + new_rows
+        width = max(self._cache.width, new_length) + 1
+        return rows * width * self.kv_token_bytes <= self.kv_budget_bytes
+
+    def _too_large(self, length: int, n: int) -> RequestError:
+        need = n * (length + 1) * self.kv_token_bytes / 2**20
+        return InvalidRequestError(
+            f"this request needs {need:.0f} MB of KV cache ({n} x {length} tokens), more than this server's "
+            f"kv_budget_mb ({self.kv_budget_bytes / 2**20:.0f} MB) for {self.name}", param="messages",
+            code="kv_budget_exceeded")
 
     def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
         return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)

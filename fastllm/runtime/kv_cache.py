@@ -52,6 +52,10 @@ class BatchCache:
             return int(self.lengths.max()) if self.rows else 0
         return _columns(self.past[0]) if self.past else 0
 
+    def allocated_tokens(self) -> int:
+        """Token slots the cache's arrays hold: rows x columns, padding and spare columns included."""
+        return self.rows * _columns(self.past[0]) if self.past and self.rows else 0
+
     def join(self, present: list[Any], lengths: Any, rows: list[int] | None = None) -> None:
         """Append prefilled rows, laid out on this cache's padding side, with ``lengths`` real tokens each.
 

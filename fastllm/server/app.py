@@ -138,6 +138,7 @@ def create_app(settings: Settings, registry: ModelRegistry | None = None) -> Lit
         for model in models:
             if model.generator is not None:
                 metrics.watch_engine(model.id, lambda g=model.generator: g.stats)
+                metrics.watch_kv(model.id, model.generator)
             if model.grammars is not None:
                 metrics.watch_grammars(model.id, model.grammars)
             if model.generator is not None and model.generator.prefix_cache is not None:

@@ -32,11 +32,19 @@ class Metrics:
         self.grammar_cache_hits = Gauge("fastllm_grammar_cache_hits", "Constrained requests whose grammar was "
                                         "already compiled", ["model"], registry=r)
         self._prefix_gauges: dict[str, Gauge] = {}
+        self.kv_cache_bytes = Gauge("fastllm_kv_cache_bytes", "Memory the running batch's KV cache holds", ["model"],
+                                    registry=r)
+        self.kv_budget_bytes = Gauge("fastllm_kv_budget_bytes", "The running batch's KV memory budget (0 = none)",
+                                     ["model"], registry=r)
 
     def watch_engine(self, model: str, stats: Callable[[], Any]) -> None:
         """Gauges read live from an engine's stats at scrape time."""
         self.queue_depth.labels(model).set_function(lambda: stats().waiting)
         self.batch_size.labels(model).set_function(lambda: stats().running)
+
+    def watch_kv(self, model: str, engine: Any) -> None:
+        self.kv_cache_bytes.labels(model).set_function(engine.kv_bytes)
+        self.kv_budget_bytes.labels(model).set_function(lambda: engine.kv_budget_bytes or 0)
 
     def watch_prefix_cache(self, model: str, cache: Any) -> None:
         """The prefix cache's counters, read at scrape time (hit rate = hits / queries)."""

@@ -312,6 +312,11 @@ class ModelCard(msgspec.Struct, kw_only=True):
     quantization: str = ""
     context_length: int = 0
     max_model_len: int = 0
+    # Generation models: the running batch's KV cache (used now, budget; 0 = no limit) and the prefix cache.
+    kv_cache_bytes: int = 0
+    kv_budget_bytes: int = 0
+    prefix_cache_bytes: int = 0
+    prefix_cache_budget_bytes: int = 0
 
 
 class ModelList(msgspec.Struct, kw_only=True):

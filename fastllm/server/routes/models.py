@@ -12,8 +12,15 @@ from fastllm.server.schemas import ModelCard, ModelList
 
 def card(model: ServedModel) -> ModelCard:
     m = model.manifest
+    memory = {}
+    if (engine := model.generator) is not None:
+        memory = {"kv_cache_bytes": engine.kv_bytes(), "kv_budget_bytes": engine.kv_budget_bytes or 0}
+        if engine.prefix_cache is not None:
+            memory |= {"prefix_cache_bytes": engine.prefix_cache.used_bytes,
+                       "prefix_cache_budget_bytes": engine.prefix_cache.budget_bytes}
     return ModelCard(id=model.id, created=model.created, task=m.task, provider=model.provider, dtype=m.dtype,
-                     quantization=m.quantization, context_length=m.context_length, max_model_len=m.context_length)
+                     quantization=m.quantization, context_length=m.context_length, max_model_len=m.context_length,
+                     **memory)
 
 
 class ModelsController(Controller):
