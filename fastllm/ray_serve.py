@@ -4,7 +4,9 @@ Ray Serve runs any ASGI app through ``serve.ingress``; Ray 2.60 only registers i
 handlers on apps that have Starlette's ``add_exception_handler``, and skips Litestar, whose own
 handlers already answer in OpenAI's shape. The app is built inside each replica
 (``__serve_build_asgi_app__``), so models load there and never travel through pickle. Each response
-carries ``x-fastllm-replica`` so operators (and our tests) can see which replica answered.
+carries ``x-fastllm-replica`` so operators (and our tests) can see which replica answered. Requests that
+carry an ``x-session-id`` header are routed by ``fastllm.ray_router.SessionAffinityRouter``: every turn of
+a conversation reaches the replica whose prefix cache already holds its history.
 
 Two ways in:
     fastllm serve --ray --replicas 2 --model SmolLM2-135M-Instruct
@@ -48,10 +50,15 @@ def deployment(settings: Settings, *, replicas: int = 1, max_ongoing_requests: i
     except ImportError as exc:
         raise MissingExtraError("ray", exc.name or "ray") from None
 
+    from ray.serve.config import RequestRouterConfig
+
     options: dict[str, Any] = {
         "max_ongoing_requests": max_ongoing_requests,
         "ray_actor_options": {"num_cpus": num_cpus},
         "health_check_period_s": 10,
+        # A conversation's turns (same x-session-id header) go to the replica that holds its prefix cache.
+        "request_router_config": RequestRouterConfig(
+            request_router_class="fastllm.ray_router.SessionAffinityRouter"),
     }
     if autoscaling:
         options["autoscaling_config"] = autoscaling

@@ -35,5 +35,16 @@ def test_two_replicas_serve_chat_and_embeddings_through_the_proxy(smollm2_fp32: 
                     break
             assert len(replicas) == 2, replicas
             assert httpx.get(f"{server.url}/ready").status_code == 200
+            # A conversation's turns stay on one replica (its prefix cache); conversations spread over both.
+            homes: dict[str, set[str]] = {}
+            for turn in range(2):
+                for session in (f"user-{i}" for i in range(12)):  # all 12 on one replica: a 1-in-2048 chance
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="SmolLM2-135M-Instruct", temperature=0, max_tokens=2,
+                        messages=[{"role": "user", "content": f"Hello, this is {session}, turn {turn}."}],
+                        extra_headers={"x-session-id": session})
+                    homes.setdefault(session, set()).add(raw.headers["x-fastllm-replica"])
+            assert all(len(home) == 1 for home in homes.values()), homes
+            assert len(set().union(*homes.values())) == 2, homes
     finally:
         subprocess.run(["ray", "stop", "--force"], capture_output=True)

@@ -1,0 +1,188 @@
+"""Long prompts and conversations against any OpenAI-compatible server: what agents, RAG and chats send.
+
+    python scripts/bench_prompts.py http://127.0.0.1:3000/v1 --label fastllm --json a.json
+    python scripts/bench_prompts.py --merge a.json --merge b.json --markdown out.md
+
+For each prompt size (256, 1k, 2k, 4k tokens): time to first token of a prompt the server has never seen
+(cold), then of the same long system prompt with a new question (warm: what prefix caching saves). Then a
+10-turn chat, each turn resending the history with the model's last answer. Then decoding under a long
+arrival: 4 streams run, a 2k-token prompt arrives, and the streams' gaps between tokens while it is read are
+set against their gaps before (what chunked prefill protects). Every request opens a fresh connection (one
+llama.cpp server dropped kept-alive connections after a stream), streams, and is timed from the wire.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+WORDS = [
+    "river", "stone", "market", "lantern", "harbor", "winter", "garden", "engine", "letter", "mountain", "signal",
+    "window", "copper", "meadow", "archive", "violin", "compass", "orchard", "bridge", "thunder", "pepper", "canyon",
+    "ribbon", "falcon", "glacier", "theater", "basket", "planet", "quarry", "saddle", "temple", "walnut", "anchor",
+    "blanket", "castle", "desert", "feather", "island", "jungle", "kettle", "ladder", "mirror", "needle", "oyster",
+    "pillow", "rocket", "shadow", "tunnel", "valley", "wagon", "yogurt", "zipper",
+]
+SIZES = (256, 1024, 2048, 4096)
+TOKENS_PER_WORD = 1.35  # for sizing only: the server's usage says what it really counted
+
+
+def passage(words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    sentences, count = [], 0
+    while count < words:
+        length = rng.randint(8, 16)
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(length)).capitalize() + ".")
+        count += length
+    return " ".join(sentences)
+
+
+async def stream(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
+                 ignore_eos: bool = False, gaps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
+    """One streamed chat completion on a fresh connection: TTFT, tokens, the answer, token arrival times."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    started = time.perf_counter()
+    first, text, usage, arrivals = 0.0, "", {}, []
+    async with httpx.AsyncClient(timeout=600) as client, client.stream("POST", f"{url}/chat/completions",
+                                                                       json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices") or []:
+                piece = (choice.get("delta") or {}).get("content") or ""
+                if piece:
+                    now = time.perf_counter()
+                    first = first or now
+                    arrivals.append(now)
+                    text += piece
+    if gaps is not None:
+        gaps.extend(itertools.pairwise(arrivals))
+    return {"ttft": first - started, "text": text, "usage": usage, "arrivals": arrivals}
+
+
+def _question(i: int) -> dict[str, str]:
+    return {"role": "user", "content": f"In one sentence, which word of the text above comes up most? ({i})"}
+
+
+async def prompt_sizes(url: str, model: str, sizes: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for size in sizes:
+        system = {"role": "system", "content": passage(int(size / TOKENS_PER_WORD), seed=size + int(time.time()))}
+        cold = await stream(url, model, [system, _question(0)], 8)
+        warm = await stream(url, model, [system, _question(1)], 8)
+        rows.append({"size": size, "prompt_tokens": cold["usage"].get("prompt_tokens"), "cold_ttft": cold["ttft"],
+                     "warm_ttft": warm["ttft"],
+                     "warm_cached": (warm["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")})
+        print(f"  {size}: cold {cold['ttft']:.2f}s, warm {warm['ttft']:.2f}s", flush=True)
+    return rows
+
+
+async def conversation(url: str, model: str, turns: int) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": passage(350, seed=int(time.time()))}]
+    rows = []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"Turn {turn}: name one object from the text and say why."})
+        reply = await stream(url, model, messages, 32)
+        messages.append({"role": "assistant", "content": reply["text"]})
+        rows.append({"turn": turn + 1, "prompt_tokens": reply["usage"].get("prompt_tokens"), "ttft": reply["ttft"]})
+    print(f"  chat: turn 1 {rows[0]['ttft']:.2f}s, turn {turns} {rows[-1]['ttft']:.2f}s", flush=True)
+    return rows
+
+
+async def arrival(url: str, model: str, streams: int, long_tokens: int) -> dict[str, Any]:
+    """Gaps between tokens of ``streams`` running streams, before and while a long prompt is read."""
+    gaps: list[tuple[float, float]] = []
+    ask = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
+    running = [asyncio.create_task(stream(url, model, ask, 256, ignore_eos=True, gaps=gaps)) for _ in range(streams)]
+    await asyncio.sleep(3.0)  # the streams are decoding
+    system = {"role": "system", "content": passage(int(long_tokens / TOKENS_PER_WORD), seed=int(time.time()))}
+    sent = time.perf_counter()
+    long = await stream(url, model, [system, _question(0)], 4)
+    read = sent + long["ttft"]
+    await asyncio.gather(*running)
+    before = [b - a for a, b in gaps if b < sent]
+    during = [b - a for a, b in gaps if b > sent and a < read]
+    return {"streams": streams, "long_prompt_tokens": long["usage"].get("prompt_tokens"),
+            "long_ttft": long["ttft"], "itl_before_p50": _pct(before, 50), "itl_before_p95": _pct(before, 95),
+            "itl_during_p50": _pct(during, 50), "itl_during_p95": _pct(during, 95),
+            "itl_during_max": max(during, default=0.0)}
+
+
+def _pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else (values[0] if values else 0.0)
+
+
+def markdown(reports: list[dict[str, Any]]) -> str:
+    lines = ["| server | prompt tokens | cold TTFT | warm TTFT (same system prompt, new question) |",
+             "|---|---|---|---|"]
+    for report in reports:
+        for row in report["sizes"]:
+            lines.append(f"| {report['label']} | {row['prompt_tokens']} | {row['cold_ttft']:.2f} s "
+                         f"| {row['warm_ttft']:.2f} s |")
+    lines += ["", "| server | chat turn 1 TTFT (prompt) | turn 10 TTFT (prompt) |", "|---|---|---|"]
+    for report in reports:
+        chat = report["chat"]
+        lines.append(f"| {report['label']} | {chat[0]['ttft']:.2f} s ({chat[0]['prompt_tokens']}) "
+                     f"| {chat[-1]['ttft']:.2f} s ({chat[-1]['prompt_tokens']}) |")
+    lines += ["", "| server | running streams | gap p50 / p95 before | gap p50 / p95 / max while a "
+              "long prompt is read | its TTFT |", "|---|---|---|---|---|"]
+    for report in reports:
+        a = report["arrival"]
+        lines.append(f"| {report['label']} | {a['streams']} | {a['itl_before_p50'] * 1000:.0f} / "
+                     f"{a['itl_before_p95'] * 1000:.0f} ms | {a['itl_during_p50'] * 1000:.0f} / "
+                     f"{a['itl_during_p95'] * 1000:.0f} / {a['itl_during_max'] * 1000:.0f} ms "
+                     f"({a['long_prompt_tokens']} tokens) | {a['long_ttft']:.2f} s |")
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        model = args.model or (await client.get(f"{args.url}/models")).json()["data"][0]["id"]
+    print(f"{args.label}: {model} at {args.url}", flush=True)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    return {"label": args.label, "model": model, "sizes": await prompt_sizes(args.url, model, sizes),
+            "chat": await conversation(args.url, model, args.turns),
+            "arrival": await arrival(args.url, model, args.streams, args.arrival_tokens)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url", nargs="?")
+    parser.add_argument("--model")
+    parser.add_argument("--label", default="server")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--arrival-tokens", type=int, default=2048)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--merge", type=Path, action="append", default=[])
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    reports = [json.loads(path.read_text()) for path in args.merge]
+    if args.url:
+        reports.append(asyncio.run(run(args)))
+        if args.json:
+            args.json.write_text(json.dumps(reports[-1], indent=2))
+    table = markdown(reports)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
