@@ -47,14 +47,16 @@ def passage(words: int, seed: int) -> str:
 
 
 async def stream(url: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-                 ignore_eos: bool = False, gaps: list[tuple[float, float]] | None = None) -> dict[str, Any]:
-    """One streamed chat completion on a fresh connection: TTFT, tokens, the answer, token arrival times."""
+                 ignore_eos: bool = False, arrivals: list[float] | None = None) -> dict[str, Any]:
+    """One streamed chat completion on a fresh connection: TTFT, the answer, usage; each token's arrival time
+    goes to ``arrivals`` as it comes (so a cancelled stream keeps what it saw)."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
     started = time.perf_counter()
-    first, text, usage, arrivals = 0.0, "", {}, []
+    first, text, usage = 0.0, "", {}
+    arrivals = [] if arrivals is None else arrivals
     async with httpx.AsyncClient(timeout=600) as client, client.stream("POST", f"{url}/chat/completions",
                                                                        json=body) as response:
         response.raise_for_status()
@@ -70,9 +72,7 @@ async def stream(url: str, model: str, messages: list[dict[str, str]], max_token
                     first = first or now
                     arrivals.append(now)
                     text += piece
-    if gaps is not None:
-        gaps.extend(itertools.pairwise(arrivals))
-    return {"ttft": first - started, "text": text, "usage": usage, "arrivals": arrivals}
+    return {"ttft": first - started, "text": text, "usage": usage}
 
 
 def _question(i: int) -> dict[str, str]:
@@ -106,15 +106,20 @@ async def conversation(url: str, model: str, turns: int) -> list[dict[str, Any]]
 
 async def arrival(url: str, model: str, streams: int, long_tokens: int) -> dict[str, Any]:
     """Gaps between tokens of ``streams`` running streams, before and while a long prompt is read."""
-    gaps: list[tuple[float, float]] = []
     ask = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
-    running = [asyncio.create_task(stream(url, model, ask, 256, ignore_eos=True, gaps=gaps)) for _ in range(streams)]
-    await asyncio.sleep(3.0)  # the streams are decoding
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    running = [asyncio.create_task(stream(url, model, ask, 4000, ignore_eos=True, arrivals=mine)) for mine in arrivals]
+    while min(len(mine) for mine in arrivals) < 50:  # every stream is decoding steadily
+        await asyncio.sleep(0.05)
     system = {"role": "system", "content": passage(int(long_tokens / TOKENS_PER_WORD), seed=int(time.time()))}
     sent = time.perf_counter()
     long = await stream(url, model, [system, _question(0)], 4)
     read = sent + long["ttft"]
-    await asyncio.gather(*running)
+    await asyncio.sleep(0.5)
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)
+    gaps = [pair for mine in arrivals for pair in itertools.pairwise(mine)]
     before = [b - a for a, b in gaps if b < sent]
     during = [b - a for a, b in gaps if b > sent and a < read]
     return {"streams": streams, "long_prompt_tokens": long["usage"].get("prompt_tokens"),
@@ -134,11 +139,11 @@ def markdown(reports: list[dict[str, Any]]) -> str:
         for row in report["sizes"]:
             lines.append(f"| {report['label']} | {row['prompt_tokens']} | {row['cold_ttft']:.2f} s "
                          f"| {row['warm_ttft']:.2f} s |")
-    lines += ["", "| server | chat turn 1 TTFT (prompt) | turn 10 TTFT (prompt) |", "|---|---|---|"]
+    lines += ["", "| server | chat turn 1 TTFT (prompt tokens) | last turn's TTFT (prompt tokens) |", "|---|---|---|"]
     for report in reports:
         chat = report["chat"]
         lines.append(f"| {report['label']} | {chat[0]['ttft']:.2f} s ({chat[0]['prompt_tokens']}) "
-                     f"| {chat[-1]['ttft']:.2f} s ({chat[-1]['prompt_tokens']}) |")
+                     f"| turn {chat[-1]['turn']}: {chat[-1]['ttft']:.2f} s ({chat[-1]['prompt_tokens']}) |")
     lines += ["", "| server | running streams | gap p50 / p95 before | gap p50 / p95 / max while a "
               "long prompt is read | its TTFT |", "|---|---|---|---|---|"]
     for report in reports:

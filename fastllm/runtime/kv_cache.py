@@ -70,10 +70,11 @@ class BatchCache:
             self.past, self.lengths = list(present), new_lengths
             return
         width = max(self.width, new_len)
-        self.past = [
-            np.concatenate([self._pad(to_host(old)[:, :, : self.width], width), self._pad(to_host(new), width)], axis=0)
-            for old, new in zip(self.past, present, strict=True)
-        ]
+        # Shared buffers get room to decode into now (growing them at the next step would copy them again), but
+        # not much: every row pays the longest row's width, and a long prompt joining short rows is common.
+        columns = width + max(64, width // 8) if self.shared else width
+        self.past = [self._stack(to_host(old)[:, :, : self.width], to_host(new), columns)
+                     for old, new in zip(self.past, present, strict=True)]
         self.lengths = np.concatenate([self.lengths, new_lengths])
 
     def keep(self, rows: list[int]) -> None:
@@ -108,8 +109,8 @@ class BatchCache:
         if self.shared:
             needed, have = self.width + 1, _columns(self.past[0])
             if have < needed:
-                grown = max(needed, 2 * have)
-                self.past = [np.pad(to_host(p), ((0, 0), (0, 0), (0, grown - have), (0, 0))) for p in self.past]
+                grown = max(needed, have + max(64, have // 4))
+                self.past = [self._stack(to_host(p), None, grown) for p in self.past]
         return self.past
 
     def step(self, present: list[Any]) -> None:
@@ -118,9 +119,19 @@ class BatchCache:
         self.past = present
         self.lengths = self.lengths + 1
 
-    def _pad(self, array: np.ndarray, width: int) -> np.ndarray:
-        missing = width - array.shape[2]
-        if missing == 0:
-            return array
-        side = (0, missing) if self.right_padded else (missing, 0)
-        return np.pad(array, ((0, 0), (0, 0), side, (0, 0)))
+    def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
+        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side, written
+        in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot again, and a
+        lazily zeroed buffer written sparsely was slower still, page by page)."""
+        parts = [old] if new is None else [old, new]
+        out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)
+        row = 0
+        for part in parts:
+            width = part.shape[2]
+            real, pad = (slice(0, width), slice(width, columns)) if self.right_padded else \
+                (slice(columns - width, columns), slice(0, columns - width))
+            block = out[row:row + part.shape[0]]
+            block[:, :, real] = part
+            block[:, :, pad] = 0
+            row += part.shape[0]
+        return out

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Long prompts and conversations, FastLLM against llama.cpp's own llama-server, one server at a time on this
+# machine, written to docs/benchmarks-long-prompts.md (see scripts/bench_prompts.py for what is measured):
+#   scripts/bench_long_prompts.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B, ~30 min on 2 cores
+#   MODELS=smollm2 scripts/bench_long_prompts.sh  # one of them
+# FastLLM serves the fused int4 export; "before" is the same server with the prefix cache off and no chunked
+# prefill. llama-server (8 slots, built once by scripts/peers/llama_server.sh) serves the same GGUF
+# requantized to Q4_0, its fastest CPU format. Nothing else should run meanwhile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup.sh all
+threads="${THREADS:-$(nproc)}"
+out=.cache/bench-long
+mkdir -p "$out"
+models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
+llama_bin="$(scripts/peers/llama_server.sh build)"
+
+wait_ready() {  # URL PID
+  for _ in $(seq 600); do
+    curl -sf "$1" > /dev/null && return 0
+    kill -0 "$2" 2> /dev/null || { echo "server $2 exited" >&2; return 1; }
+    sleep 0.5
+  done
+  echo "no answer from $1" >&2; return 1
+}
+bench() {  # LABEL PORT JSON -- SERVER COMMAND...
+  local label="$1" port="$2" json="$3"; shift 4
+  "$@" > "$json.log" 2>&1 &
+  local pid=$!
+  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  python scripts/bench_prompts.py "http://127.0.0.1:$port/v1" --label "$label" --json "$json" >&2
+  kill -TERM "$pid"; wait "$pid" || true
+}
+
+merged=()
+for name in ${MODELS:-smollm2 qwen-coder}; do
+  case "$name" in
+    smollm2) gguf="$(scripts/fetch_smollm2.sh)"; title="SmolLM2-135M-Instruct" ;;
+    qwen-coder) gguf="$(scripts/fetch_qwen_coder.sh)"; title="Qwen2.5-Coder-0.5B-Instruct" ;;
+  esac
+  [ -f "$models/$name-fused-int4/fastllm.json" ] || fastllm export "$gguf" --graph fused --quantize int4 \
+    --name "$title" -o "$models/$name-fused-int4" --force --no-validate >&2
+  q4_0="$out/$name.Q4_0.gguf"
+  [ -f "$q4_0" ] || "$llama_bin/llama-quantize" --allow-requantize "$gguf" "$q4_0" Q4_0 >&2
+  serve=(fastllm serve --model "$models/$name-fused-int4" --port 8201 --threads "$threads" --max-batch-size 16
+         --log-level warning)
+  bench "FastLLM $title int4" 8201 "$out/$name-fastllm.json" -- "${serve[@]}"
+  bench "FastLLM $title int4, no prefix cache or chunking" 8201 "$out/$name-fastllm-before.json" -- \
+    env FASTLLM_RUNTIME__PREFIX_CACHE_MB=0 FASTLLM_RUNTIME__PREFILL_CHUNK_TOKENS=1000000 "${serve[@]}"
+  bench "llama-server $title Q4_0" 8202 "$out/$name-llama.json" -- \
+    scripts/peers/llama_server.sh 8202 "$threads" 8 "$q4_0"
+  merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-before.json" --merge "$out/$name-llama.json")
+done
+{
+  echo "# Long prompts and conversations"
+  echo
+  echo "$(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(date +%F); \`scripts/bench_long_prompts.sh\`."
+  echo "Times to first token of streamed chat completions, greedy, from the wire (\`scripts/bench_prompts.py\`)."
+  echo
+  python scripts/bench_prompts.py "${merged[@]}"
+} > docs/benchmarks-long-prompts.md
+echo "wrote docs/benchmarks-long-prompts.md" >&2
