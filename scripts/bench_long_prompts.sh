@@ -16,14 +16,8 @@ mkdir -p "$out"
 models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
 llama_bin="$(scripts/peers/llama_server.sh build)"
 
-wait_ready() {  # URL PID
-  for _ in $(seq 600); do
-    curl -sf "$1" > /dev/null && return 0
-    kill -0 "$2" 2> /dev/null || { echo "server $2 exited" >&2; return 1; }
-    sleep 0.5
-  done
-  echo "no answer from $1" >&2; return 1
-}
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
 bench() {  # LABEL PORT JSON -- SERVER COMMAND...
   local label="$1" port="$2" json="$3"; shift 4
   "$@" > "$json.log" 2>&1 &

@@ -41,14 +41,8 @@ hf_python=.cache/peers/hf/bin/python
 source scripts/peers/venv.sh llamacpp "llama-cpp-python[server]==0.3.36"
 llama_python="$peer_python"
 
-wait_ready() {  # URL PID
-  for _ in $(seq 600); do
-    curl -sf "$1" > /dev/null && return 0
-    kill -0 "$2" 2> /dev/null || { echo "server $2 exited" >&2; return 1; }
-    sleep 0.5
-  done
-  echo "no answer from $1" >&2; return 1
-}
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
 bench_server() {  # LABEL PORT ARGS... -- then the server command after "--"
   local label="$1" port="$2"; shift 2
   local args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
