@@ -118,10 +118,13 @@ class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True
     """FastLLM's extension beside `response_format`, named as vLLM names it (`structured_outputs`, sent through
     the `openai` client's `extra_body`): exactly one of these."""
 
-    json: dict[str, Any] | None = None  # a JSON schema
-    regex: str | None = None
-    grammar: str | None = None  # Lark in llguidance's dialect, or GBNF (converted)
-    choice: Annotated[list[str], Meta(min_length=1)] | None = None
+    json: Annotated[dict[str, Any] | None, Meta(description="A JSON schema the answer follows.")] = None
+    regex: Annotated[str | None, Meta(description="A regular expression (Rust regex syntax) the whole answer "
+                                                  "matches.")] = None
+    grammar: Annotated[str | None, Meta(description="A Lark grammar in llguidance's dialect (`%json {...}` for "
+                                                    "inline schemas), or a GBNF grammar, converted.")] = None
+    choice: Annotated[Annotated[list[str], Meta(min_length=1)] | None,
+                      Meta(description="The answer is exactly one of these strings.")] = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -148,7 +151,9 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    structured_outputs: StructuredOutputs | None = None
+    structured_outputs: Annotated[StructuredOutputs | None, Meta(description=(
+        "FastLLM extension (vLLM's name): constrain the answer to exactly one of a JSON schema, a regular "
+        "expression, a Lark/GBNF grammar or a choice of strings. Enforced token by token (llguidance)."))] = None
 
 
 class ChatCompletionRequest(_SamplingFields, kw_only=True):
