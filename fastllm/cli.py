@@ -139,9 +139,10 @@ def serve(**kwargs: Any) -> None:
               help="fp16 is for GPUs; on CPUs prefer --quantize int4.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="ONNX Runtime weight-only quantization (MatMulNBits).")
-@click.option("--graph", type=click.Choice(["optimum", "fused"]), default="optimum", show_default=True,
-              help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2, Phi-3, Gemma), "
-                   "several times faster per token on CPUs.")
+@click.option("--graph", type=click.Choice(["auto", "optimum", "fused"]), default="auto", show_default=True,
+              help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2, Phi-3, Gemma at fp32, "
+                   "fp16 or int4), about twice as fast to serve on CPUs; optimum: the general graph, any "
+                   "architecture; auto: fused where it can be.")
 @click.option("--name", help="The id clients will send as `model` (default: the hub id, or the file or folder name).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own Python code.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
@@ -180,7 +181,7 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
 @click.option("--models-dir", type=click.Path(path_type=Path), default=Path("models"), show_default=True)
 @_friendly_errors
 def list_models(models_dir: Path) -> None:
-    """List the exported models in models/ (name, task, dtype, quantization, size)."""
+    """List the exported models in models/ (name, task, graph, dtype, quantization, size)."""
     from fastllm.errors import CorruptModelError
     from fastllm.manifest import is_model_dir, read_manifest
 
@@ -195,11 +196,12 @@ def list_models(models_dir: Path) -> None:
             click.secho(f"warning: skipping {folder.name}: {exc.message}", err=True, fg="yellow")
             continue
         size = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        rows.append((folder.name, m.name, m.task, m.dtype, m.quantization, f"{size / 1e6:.1f} MB"))
+        rows.append((folder.name, m.name, m.task, m.graph if m.is_generative else "-", m.dtype, m.quantization,
+                     f"{size / 1e6:.1f} MB"))
     if not rows:
         click.echo(f"no exported models in {models_dir}/ (run `fastllm export MODEL`)")
         return
-    header = ("FOLDER", "MODEL ID", "TASK", "DTYPE", "QUANT", "SIZE")
+    header = ("FOLDER", "MODEL ID", "TASK", "GRAPH", "DTYPE", "QUANT", "SIZE")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         click.echo("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

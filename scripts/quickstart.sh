@@ -11,7 +11,7 @@ models_dir="${FASTLLM_MODELS_DIR:-models}"
 
 source scripts/setup.sh all
 if [ ! -f "$models_dir/SmolLM2-135M-Instruct/fastllm.json" ]; then
-  fastllm export "$(./scripts/fetch_smollm2.sh)" --graph fused --models-dir "$models_dir"
+  fastllm export "$(./scripts/fetch_smollm2.sh)" --models-dir "$models_dir"
 fi
 
 fastllm serve --model SmolLM2-135M-Instruct --models-dir "$models_dir" --port "$port" &

@@ -76,6 +76,7 @@ def cached_export(source: Path | str, key: str, **options: object) -> Path:
     from fastllm.export.pipeline import ExportOptions, export
 
     output = EXPORTS / f"{key}-{_code_hash()}"
+    options.setdefault("graph", "optimum")  # fixtures name the fused graph where they want it
     if not (output / "fastllm.json").exists():
         export(ExportOptions(source=str(source), output=output, force=True, **options))  # type: ignore[arg-type]
     return output

@@ -81,10 +81,14 @@ def test_bf16_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
     assert_clean_failure(result, "bf16", "--dtype fp16", "--quantize int4")
 
 
-def test_fp16_with_quantize_is_refused(tmp_path: Path, env: dict[str, str]) -> None:
-    result = run_fastllm("export", tiny_models.build("llama"), "--dtype", "fp16", "--quantize", "int4", env=env,
-                         cwd=tmp_path)
+def test_fp16_with_quantize_is_refused_on_optimums_graph(tmp_path: Path, env: dict[str, str]) -> None:
+    result = run_fastllm("export", tiny_models.build("llama"), "--graph", "optimum", "--dtype", "fp16", "--quantize",
+                         "int4", env=env, cwd=tmp_path)
     assert_clean_failure(result, "cannot be combined")
+    # --graph auto takes the fused graph, whose fp16 int4 is the GPUs' int4; where there is none, it says so.
+    result = run_fastllm("export", tiny_models.build("bert-mean"), "--task", "embedding", "--dtype", "fp16",
+                         "--quantize", "int4", env=env, cwd=tmp_path)
+    assert_clean_failure(result, "needs the fused graph")
 
 
 def test_missing_export_extra_names_the_install_command(tmp_path: Path, env: dict[str, str]) -> None:
@@ -131,12 +135,12 @@ def test_models_lists_exports(tmp_path: Path) -> None:
     result = run_fastllm("models", "--models-dir", models)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["FOLDER", "MODEL", "ID", "TASK", "DTYPE", "QUANT", "SIZE"]
+    assert lines[0].split() == ["FOLDER", "MODEL", "ID", "TASK", "GRAPH", "DTYPE", "QUANT", "SIZE"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert set(rows) == {"llama", "llama-int4", "embedder"}
-    assert rows["llama"][1:5] == ["llama", "text-generation", "fp32", "none"]
-    assert rows["llama-int4"][1:5] == ["llama-int4", "text-generation", "fp32", "int4"]
-    assert rows["embedder"][1:5] == ["bert-mean", "embedding", "fp32", "none"]
+    assert rows["llama"][1:6] == ["llama", "text-generation", "optimum", "fp32", "none"]
+    assert rows["llama-int4"][1:6] == ["llama-int4", "text-generation", "optimum", "fp32", "int4"]
+    assert rows["embedder"][1:6] == ["bert-mean", "embedding", "-", "fp32", "none"]
     for row in rows.values():
         assert row[-1] == "MB" and float(row[-2]) > 0
     assert float(rows["llama-int4"][-2]) < float(rows["llama"][-2])
@@ -221,3 +225,17 @@ def test_staging_of_a_killed_export_is_removed(tmp_path: Path) -> None:
         shutil.copytree(tiny_export("llama"), folder)
     export(ExportOptions(source=str(tiny_models.build("llama")), output=models / "llama", validate=False))
     assert sorted(p.name for p in models.iterdir()) == sorted(["llama", running.name])
+
+
+def test_export_without_graph_picks_the_fused_graph_where_it_can(tmp_path: Path, env: dict[str, str]) -> None:
+    source = tiny_models.build("llama")
+    for folder, extra, graph in (("auto", [], "fused"), ("int8", ["--quantize", "int8"], "optimum"),
+                                 ("embedder", None, "optimum")):
+        args = [tiny_models.build("bert-mean")] if extra is None else [source, *extra]
+        result = run_fastllm("export", *args, "--output", tmp_path / "models" / folder, "--no-validate", env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert read_manifest(tmp_path / "models" / folder).graph == graph
+    listing = run_fastllm("models", "--models-dir", tmp_path / "models", env=env).stdout.splitlines()
+    assert listing[0].split()[:4] == ["FOLDER", "MODEL", "ID", "TASK"] and "GRAPH" in listing[0]
+    rows = {line.split()[0]: line.split() for line in listing[1:]}
+    assert "fused" in rows["auto"] and "optimum" in rows["int8"] and "-" in rows["embedder"]

@@ -10,6 +10,8 @@ its batches for it (see ``fastllm.runtime.kv_cache``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import shutil
@@ -59,8 +61,18 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
         model.save_pretrained(checkpoint)
         tokenizer.save_pretrained(checkpoint)
         options = {} if precision != "int4" else _INT4_OPTIONS if provider == "cpu" else _GPU_INT4_OPTIONS
-        create_model(model.config.model_type, str(checkpoint), str(built), precision, provider,
-                     str(staging / ".builder-cache"), **options)
+        # The builder prints its progress and tqdm bars, and its quantizer and onnx_ir log a line per weight
+        # (and warnings about the shared int4 embedding table that validation then checks): the CLI's stdout
+        # is the export's path alone, so all of it goes to the debug log instead; errors still surface.
+        chatter = io.StringIO()
+        logging.disable(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                create_model(model.config.model_type, str(checkpoint), str(built), precision, provider,
+                             str(staging / ".builder-cache"), **options)
+        finally:
+            logging.disable(logging.NOTSET)
+            log.debug("GenAI builder output:\n%s", chatter.getvalue())
         for name in ("model.onnx", "model.onnx.data"):
             if (built / name).is_file():
                 shutil.move(built / name, staging / name)
