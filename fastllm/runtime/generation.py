@@ -110,7 +110,12 @@ class _Pending:
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
 
     def send(self, item: list[Delta] | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """Hand ``item`` to the request's event loop; one that has closed (its app shut down while the engine
+        still held the request) has nobody listening, so the item is dropped and the request cancelled."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed"
+            self.cancelled = True
 
 
 @dataclass
