@@ -25,8 +25,6 @@ from typing import Any
 
 from fastllm.runtime.grammar import JSON_OPTIONS
 
-TOOL_CALL_FORMATS = ("auto", "hermes", "mistral", "llama3_json", "fallback")
-
 
 @dataclass(frozen=True)
 class ToolCall:
