@@ -143,6 +143,9 @@ def main() -> None:
         "tokens banned by `logit_bias`, one request per client per round (at least 4), medians of rounds after a "
         "warm-up request.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "- Also: [long prompts and conversations against llama-server](benchmarks-long-prompts.md) "
+        "(`scripts/bench_long_prompts.sh`), [what constrained decoding costs](benchmarks-structured.md), "
+        "[CUDA](benchmarks-cuda.md).",
         "",
         "## Headlines",
         "",
