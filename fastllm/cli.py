@@ -140,9 +140,9 @@ def serve(**kwargs: Any) -> None:
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="ONNX Runtime weight-only quantization (MatMulNBits).")
 @click.option("--graph", type=click.Choice(["auto", "optimum", "fused"]), default="auto", show_default=True,
-              help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2, Phi-3, Gemma at fp32, "
-                   "fp16 or int4), about twice as fast to serve on CPUs; optimum: the general graph, any "
-                   "architecture; auto: fused where it can be.")
+              help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/3, "
+                   "Granite, SmolLM3 at fp32, fp16 or int4), about twice as fast to serve on CPUs; optimum: the "
+                   "general graph, any architecture; auto: fused where it can be.")
 @click.option("--name", help="The id clients will send as `model` (default: the hub id, or the file or folder name).")
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own Python code.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")

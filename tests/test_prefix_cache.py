@@ -63,6 +63,9 @@ def _token_exact(folder: Path, shared: list[int], tails: list[list[int]]) -> Non
     ("llama", {}), ("mistral", {}), ("qwen2", {}), ("phi3", {}), ("gemma", {}),
     ("llama", {"graph": "fused"}), ("qwen2", {"graph": "fused"}), ("mistral", {"graph": "fused"}),
     ("phi3", {"graph": "fused"}), ("gemma", {"graph": "fused"}),
+    ("gemma3", {}), ("qwen3", {}), ("granite", {}), ("smollm3", {}),
+    ("gemma3", {"graph": "fused"}), ("qwen3", {"graph": "fused"}), ("granite", {"graph": "fused"}),
+    ("smollm3", {"graph": "fused"}),
 ])
 def test_reuse_is_token_exact_on_every_architecture(name: str, options: dict) -> None:
     rng = np.random.default_rng(0)

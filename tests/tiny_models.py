@@ -149,6 +149,33 @@ def _gemma(tokenizer: Any) -> Any:
     return GemmaConfig(**_common(tokenizer), head_dim=32)
 
 
+def _gemma3(tokenizer: Any) -> Any:
+    from transformers import Gemma3TextConfig
+
+    # Sliding-window layers (every layer but each sixth) with a window shorter than the validation prompts.
+    return Gemma3TextConfig(**_common(tokenizer), head_dim=16, sliding_window=16, query_pre_attn_scalar=16)
+
+
+def _qwen3(tokenizer: Any) -> Any:
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**_common(tokenizer), head_dim=16, tie_word_embeddings=True)
+
+
+def _granite(tokenizer: Any) -> Any:
+    from transformers import GraniteConfig
+
+    # Granite scales embeddings, residuals, attention and logits by its own multipliers.
+    return GraniteConfig(**_common(tokenizer), embedding_multiplier=2.0, logits_scaling=4.0, residual_multiplier=0.5,
+                         attention_multiplier=0.25, tie_word_embeddings=True)
+
+
+def _smollm3(tokenizer: Any) -> Any:
+    from transformers import SmolLM3Config
+
+    return SmolLM3Config(**_common(tokenizer), tie_word_embeddings=True)
+
+
 # name -> (config factory, whether the tokenizer adds a BOS, expected model_type, architecture class)
 CAUSAL: dict[str, tuple[Callable[[Any], Any], bool, str, str]] = {
     "llama": (_llama, True, "llama", "LlamaForCausalLM"),
@@ -157,6 +184,10 @@ CAUSAL: dict[str, tuple[Callable[[Any], Any], bool, str, str]] = {
     "phi3": (_phi3, False, "phi3", "Phi3ForCausalLM"),
     "phi3-longrope": (_phi3_longrope, False, "phi3", "Phi3ForCausalLM"),
     "gemma": (_gemma, True, "gemma", "GemmaForCausalLM"),
+    "gemma3": (_gemma3, True, "gemma3_text", "Gemma3ForCausalLM"),
+    "qwen3": (_qwen3, False, "qwen3", "Qwen3ForCausalLM"),
+    "granite": (_granite, False, "granite", "GraniteForCausalLM"),
+    "smollm3": (_smollm3, False, "smollm3", "SmolLM3ForCausalLM"),
 }
 
 # sentence-transformers truncates inputs to this, below the embedders' 128 positions.

@@ -23,7 +23,8 @@ from fastllm.errors import ExportError, MissingExtraError
 log = logging.getLogger(__name__)
 
 # Architectures the builder supports and we test; others keep optimum's graph.
-FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma"})
+FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma3_text", "qwen3", "granite",
+                                 "smollm3"})
 # int4: int8 compute (accuracy level 4), blocks of 32, and the embedding table quantized too and shared
 # with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
 _INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_block_size": "32", "int4_op_types_to_quantize": "MatMul/Gather",
