@@ -28,6 +28,7 @@ class ToolPlan:
     syntax: ToolCallSyntax
     choice: Literal["none", "auto", "required"]  # a named function is "required" with that tool alone
     parallel: bool
+    start_token: int | None  # the syntax's opener where it is one special token (decoding must keep it)
 
     @property
     def calls(self) -> bool:
@@ -83,8 +84,12 @@ def tool_plan(model: ServedModel, body: ChatCompletionRequest) -> ToolPlan | Non
         if chosen not in names:
             raise InvalidRequestError(f"tool_choice names {chosen!r}, which is not among the tools offered",
                                       param="tool_choice")
-        return ToolPlan([t for t in tools if t["name"] == chosen], model.tool_syntax, "required", parallel=False)
-    return ToolPlan(tools, model.tool_syntax, choice, parallel=body.parallel_tool_calls)
+        choice, tools, parallel = "required", [t for t in tools if t["name"] == chosen], False
+    else:
+        parallel = body.parallel_tool_calls
+    syntax = model.tool_syntax
+    start_token = model.tokenizer.special_token_id(syntax.start) if syntax.start else None
+    return ToolPlan(tools, syntax, choice, parallel=parallel, start_token=start_token)
 
 
 def tool_grammar(model: ServedModel, plan: ToolPlan, answer: Grammar | None) -> Grammar:
@@ -93,8 +98,7 @@ def tool_grammar(model: ServedModel, plan: ToolPlan, answer: Grammar | None) -> 
     ``none``, an answer that opens no call."""
     if plan.choice == "none" and answer is not None:
         return answer
-    start_token = model.tokenizer.special_token_id(plan.syntax.start) if plan.syntax.start else None
-    lark = plan.syntax.lark(plan.tools, choice=plan.choice, parallel=plan.parallel, start_token=start_token,
+    lark = plan.syntax.lark(plan.tools, choice=plan.choice, parallel=plan.parallel, start_token=plan.start_token,
                             answer=None if answer is None else "@answer")
     grammars: list[dict[str, Any]] = [{"lark_grammar": lark}]
     if answer is not None and plan.choice != "required":

@@ -31,7 +31,14 @@ class Metrics:
                                        "compiled for constrained decoding", ["model"], registry=r)
         self.grammar_cache_hits = Gauge("fastllm_grammar_cache_hits", "Constrained requests whose grammar was "
                                         "already compiled", ["model"], registry=r)
-        self._prefix_gauges: dict[str, Gauge] = {}
+        self.prefix_cache = {name: Gauge(f"fastllm_prefix_cache_{name}", help_text, ["model"], registry=r)
+                             for name, help_text in (
+                                 ("queries", "Prompts looked up in the prefix cache"),
+                                 ("hits", "Prompts that reused cached KV (hit rate = hits / queries)"),
+                                 ("cached_tokens", "Prompt tokens reused from the prefix cache"),
+                                 ("evicted_blocks", "Blocks evicted from the prefix cache"),
+                                 ("bytes", "Host memory held by the prefix cache"),
+                                 ("budget_bytes", "The prefix cache's memory budget"))}
         self.kv_cache_bytes = Gauge("fastllm_kv_cache_bytes", "Memory the running batch's KV cache holds", ["model"],
                                     registry=r)
         self.kv_budget_bytes = Gauge("fastllm_kv_budget_bytes", "The running batch's KV memory budget (0 = none)",
@@ -47,20 +54,12 @@ class Metrics:
         self.kv_budget_bytes.labels(model).set_function(lambda: engine.kv_budget_bytes or 0)
 
     def watch_prefix_cache(self, model: str, cache: Any) -> None:
-        """The prefix cache's counters, read at scrape time (hit rate = hits / queries)."""
-        for name, help_text, read in (
-            ("queries", "Prompts looked up in the prefix cache", lambda: cache.stats.queries),
-            ("hits", "Prompts that reused cached KV", lambda: cache.stats.hits),
-            ("cached_tokens", "Prompt tokens reused from the prefix cache", lambda: cache.stats.cached_tokens),
-            ("evicted_blocks", "Blocks evicted from the prefix cache", lambda: cache.stats.evicted_blocks),
-            ("bytes", "Host memory held by the prefix cache", lambda: cache.used_bytes),
-            ("budget_bytes", "The prefix cache's memory budget", lambda: cache.budget_bytes),
-        ):
-            gauge = self._prefix_gauges.get(name)
-            if gauge is None:
-                gauge = self._prefix_gauges[name] = Gauge(f"fastllm_prefix_cache_{name}", help_text, ["model"],
-                                                          registry=self.registry)
-            gauge.labels(model).set_function(read)
+        """The prefix cache's counters, read at scrape time."""
+        for name, read in (("queries", lambda: cache.stats.queries), ("hits", lambda: cache.stats.hits),
+                           ("cached_tokens", lambda: cache.stats.cached_tokens),
+                           ("evicted_blocks", lambda: cache.stats.evicted_blocks),
+                           ("bytes", lambda: cache.used_bytes), ("budget_bytes", lambda: cache.budget_bytes)):
+            self.prefix_cache[name].labels(model).set_function(read)
 
     def watch_grammars(self, model: str, compiler: Any) -> None:
         self.grammars_compiled.labels(model).set_function(lambda: compiler.compiled)

@@ -185,8 +185,8 @@ async def chat_request(model: ServedModel, body: ChatCompletionRequest,
     grammar = constraints.output_grammar(body)
     if plan is not None:
         grammar = constraints.tool_grammar(model, plan, grammar)
-    if calls is not None and calls.syntax.start:  # an opener that is a special token must survive decoding
-        request.skip_special_tokens = model.tokenizer.special_token_id(calls.syntax.start) is None
+    if calls is not None:  # an opener that is a special token must survive decoding
+        request.skip_special_tokens = calls.start_token is None
     if grammar is not None:
         request.grammar = await constraints.compile_grammar(model, grammar)
     return request, calls
