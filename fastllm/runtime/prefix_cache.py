@@ -11,13 +11,11 @@ leaves before the prefixes they extend and never strands a reachable block behin
 
 from __future__ import annotations
 
-import logging
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 _ROOT = 0  # the parent key of a prompt's first block
 
@@ -56,18 +54,16 @@ class PrefixCache:
         the next token's), and its KV as a batch of one: ``(tokens, [1, heads, tokens, head_dim] per tensor)``."""
         self.stats.queries += 1
         chain: list[_Block] = []
-        parent = _ROOT
-        for start in range(0, len(ids) - 1 - self.block + 1, self.block):
-            tokens = tuple(ids[start:start + self.block])
-            key = hash((parent, tokens))
+        keys: list[int] = []
+        for _, parent, tokens, key in self._chain(ids, (len(ids) - 1) // self.block):
             block = self._blocks.get(key)
             if block is None or block.parent != parent or block.tokens != tokens:  # a hash collision is a miss
                 break
             chain.append(block)
-            parent = key
+            keys.append(key)
         if not chain:
             return 0, None
-        self._touch(ids, len(chain))
+        self._touch(keys)
         self.stats.hits += 1
         length = len(chain) * self.block
         self.stats.cached_tokens += length
@@ -77,12 +73,8 @@ class PrefixCache:
     def store(self, ids: list[int], kv: list[np.ndarray]) -> None:
         """Keep the KV of ``ids``'s full blocks: ``kv`` holds, per cache tensor, ``[heads, tokens, head_dim]``
         whose first ``len(ids)`` columns are those tokens'. Blocks already held are only touched."""
-        full = len(ids) // self.block
-        parent = _ROOT
-        for index in range(full):
-            start = index * self.block
-            tokens = tuple(ids[start:start + self.block])
-            key = hash((parent, tokens))
+        keys: list[int] = []
+        for start, parent, tokens, key in self._chain(ids, len(ids) // self.block):
             if key not in self._blocks:
                 kv_block = [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
                 nbytes = sum(k.nbytes for k in kv_block)
@@ -91,19 +83,23 @@ class PrefixCache:
                 self._blocks[key] = _Block(parent, tokens, kv_block, nbytes)
                 self.used_bytes += nbytes
                 self.stats.stored_blocks += 1
-            parent = key
-        self._touch(ids, full)
+            keys.append(key)
+        self._touch(keys)
         self._evict()
 
-    def _touch(self, ids: list[int], blocks: int) -> None:
+    def _chain(self, ids: list[int], blocks: int) -> Iterator[tuple[int, int, tuple[int, ...], int]]:
+        """``(start, parent key, tokens, key)`` of the first ``blocks`` blocks of ``ids``."""
+        parent = _ROOT
+        for start in range(0, blocks * self.block, self.block):
+            tokens = tuple(ids[start:start + self.block])
+            key = hash((parent, tokens))
+            yield start, parent, tokens, key
+            parent = key
+
+    def _touch(self, keys: list[int]) -> None:
         """Mark a chain as just used, leaf first, so that every block stays more recent than its parent."""
-        keys, parent = [], _ROOT
-        for index in range(blocks):
-            parent = hash((parent, tuple(ids[index * self.block:(index + 1) * self.block])))
-            keys.append(parent)
         for key in reversed(keys):
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
+            self._blocks.move_to_end(key)
 
     def _evict(self) -> None:
         while self.used_bytes > self.budget_bytes and self._blocks:
