@@ -81,6 +81,12 @@ class ModelConfig(_Section):
     # How the model writes tool calls: "auto" reads it from the chat template; or "hermes" (<tool_call>),
     # "mistral" ([TOOL_CALLS]), "llama3_json", "fallback" (tools described in the system prompt by FastLLM).
     tool_call_format: Literal["auto", "hermes", "mistral", "llama3_json", "fallback"] = "auto"
+    # Speculative decoding: "ngram" drafts the next tokens from the sequence's own earlier text (prompt lookup)
+    # and verifies them in one step, which pays off where answers repeat their input (code edits, RAG, tool
+    # loops); outputs keep their distribution. Needs a fused graph. Requests opt out with "speculative": false.
+    speculative: Literal["off", "ngram"] = "off"
+    # Tokens drafted per step, at most 7 (the graph gives logits for a step's last 8 positions).
+    speculative_tokens: int = Field(default=4, ge=1, le=7)
 
 
 class RuntimeConfig(_Section):

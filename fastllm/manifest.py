@@ -49,6 +49,9 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # left-padded graphs), "per-row" (each row's last real token: right-padded prompts batch together).
     # Empty for exports older than this field; those prefill one prompt at a time.
     logits: Literal["", "all", "last-column", "per-row"] = ""
+    # With "last-column" or "per-row": how many of each row's last positions get logits (a multi-token step
+    # verifying drafted tokens reads them all); 0 for exports older than this field, which give one.
+    logits_window: int = 0
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0

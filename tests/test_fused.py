@@ -109,20 +109,20 @@ def test_right_padded_batches_give_each_request_its_solo_answer(smollm2_fused: P
         model.close()
 
 
-def test_int4_batches_stay_close_to_solo_answers(smollm2_fused_int4: Path) -> None:
-    """MatMulNBits' int8-compute kernels take another path at batch 1 than at batch 8, so greedy answers
-    may part at near-ties: half the answers or more stay identical, the others agree for their first words,
-    and every one is a full answer."""
-    model = _load(smollm2_fused_int4)
+@pytest.mark.parametrize("export", ["smollm2_fused_int4", "qwen_coder_int4"])
+def test_int4_batches_give_each_request_its_solo_answer(export: str, request: pytest.FixtureRequest) -> None:
+    """Greedy decoding is batch-invariant at int4 too: MatMulNBits' int8-compute kernel and GroupQueryAttention
+    compute each row of a decode step as they would alone (ONNX Runtime 1.32; earlier versions took another
+    kernel path at batch 1 and answers parted at near-ties). Multi-token steps round differently from
+    single-token ones, which is why speculative decoding's int4 answers may differ (docs/speculative-decoding.md)."""
+    model = _load(request.getfixturevalue(export))
     try:
         solo = _answers(model, together=False)
         together = _answers(model, together=True)
     finally:
         model.close()
-    # Parting happens at near-ties a few words in, never at the start; fp32 is exact (test above).
-    assert sum(a == b for a, b in zip(solo, together, strict=True)) >= len(QUESTIONS) // 2
-    assert all(a.split()[:3] == b.split()[:3] for a, b in zip(solo, together, strict=True))
-    assert all(len(b) > 20 for b in together)
+    assert together == solo
+    assert all(together) and len(set(together)) == len(together)
 
 
 def test_fused_graph_refuses_what_the_builder_cannot_do(minilm_dir: Path, tmp_path: Path) -> None:

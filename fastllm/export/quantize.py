@@ -114,14 +114,19 @@ def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
     )
 
 
-def keep_last_logits(onnx_path: Path, *, right_padded: bool = False) -> None:
-    """Compute logits for each row's last real position only, before the lm_head.
+LOGITS_WINDOW = 8
 
-    Generation never reads the others, and for a 49k vocabulary the prompt's lm_head is a large part of
-    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). Left-padded graphs (optimum's)
-    have every row's last token in the last column: a ``Slice``. Right-padded graphs (fused) prefill
-    prompts of different lengths in one batch, so each row's index comes from its attention mask:
-    ``sum(mask) - 1 - past``, clamped into the new tokens (a decode step's rows all read column 0).
+
+def keep_last_logits(onnx_path: Path, *, right_padded: bool = False, window: int = LOGITS_WINDOW) -> None:
+    """Compute logits for each row's last ``window`` positions only (fewer if fewer are new), before the lm_head.
+
+    Generation reads one position per row, and for a 49k vocabulary the prompt's lm_head is a large part of
+    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). Speculative decoding verifies a few
+    drafted tokens in one step and reads each of their positions: hence a small window rather than one.
+    Left-padded graphs (optimum's) have every row's last token in the last column: a ``Slice``. Right-padded
+    graphs (fused) prefill prompts of different lengths in one batch, so each row's last real token comes from
+    its attention mask: ``min(sum(mask), new) - 1`` (with an empty past the mask covers just the new tokens;
+    with a past, every new token of a row is real).
     The weights are not touched: a graph with external data is rewritten without loading them.
     """
     import onnx
@@ -141,25 +146,32 @@ def keep_last_logits(onnx_path: Path, *, right_padded: bool = False) -> None:
 
     if not right_padded:
         nodes = [helper.make_node(
-            "Slice", [hidden, const("fastllm_last_start", [-1]), const("fastllm_last_end", [np.iinfo(np.int64).max]),
-                      const("fastllm_last_axis", [1])], [sliced], name="fastllm_last_position")]
+            "Slice", [hidden, const("fastllm_last_start", [-window]),
+                      const("fastllm_last_end", [np.iinfo(np.int64).max]), const("fastllm_last_axis", [1])],
+            [sliced], name="fastllm_last_position")]
     else:
         t = "fastllm_last_"
         one, zero, axis1 = const(t + "one", [1]), const(t + "zero", [0]), const(t + "ax1", [1])
+        size = const(t + "window", [window])
+        scalar = const(t + "scalar", [])  # an empty shape: Reshape to a scalar, as Range wants
         nodes = [
             helper.make_node("Cast", ["attention_mask"], [t + "mask64"], to=onnx.TensorProto.INT64, name=t + "cast"),
             helper.make_node("ReduceSum", [t + "mask64", axis1], [t + "real"], keepdims=0, name=t + "real"),
-            helper.make_node("Shape", ["attention_mask"], [t + "total"], start=1, end=2, name=t + "total"),
             helper.make_node("Shape", ["input_ids"], [t + "new"], start=1, end=2, name=t + "new"),
-            helper.make_node("Sub", [t + "total", t + "new"], [t + "past"], name=t + "past"),
-            helper.make_node("Sub", [t + "real", one], [t + "end"], name=t + "end"),
-            helper.make_node("Sub", [t + "end", t + "past"], [t + "raw"], name=t + "raw"),
-            helper.make_node("Sub", [t + "new", one], [t + "max"], name=t + "max"),
-            helper.make_node("Max", [t + "raw", zero], [t + "low"], name=t + "low"),
-            helper.make_node("Min", [t + "low", t + "max"], [t + "index"], name=t + "index"),
-            helper.make_node("Unsqueeze", [t + "index", axis1], [t + "index2"], name=t + "index2"),
-            helper.make_node("GatherND", [hidden, t + "index2"], [t + "rows"], batch_dims=1, name=t + "gather"),
-            helper.make_node("Unsqueeze", [t + "rows", axis1], [sliced], name=t + "position"),
+            helper.make_node("Min", [t + "real", t + "new"], [t + "count"], name=t + "count"),
+            helper.make_node("Sub", [t + "count", one], [t + "end"], name=t + "end"),  # [batch]
+            helper.make_node("Min", [t + "new", size], [t + "n"], name=t + "n"),  # [1]
+            helper.make_node("Reshape", [t + "n", scalar], [t + "n0"], name=t + "n0"),
+            helper.make_node("Reshape", [one, scalar], [t + "one0"], name=t + "one0"),
+            helper.make_node("Reshape", [zero, scalar], [t + "zero0"], name=t + "zero0"),
+            helper.make_node("Range", [t + "zero0", t + "n0", t + "one0"], [t + "steps"], name=t + "steps"),
+            helper.make_node("Sub", [t + "steps", t + "n"], [t + "back"], name=t + "back"),  # -n .. -1
+            helper.make_node("Unsqueeze", [t + "end", axis1], [t + "end2"], name=t + "end2"),  # [batch, 1]
+            helper.make_node("Add", [t + "end2", t + "back"], [t + "raw"], name=t + "raw"),
+            helper.make_node("Add", [t + "raw", one], [t + "from"], name=t + "from"),  # end - n + 1 + i
+            helper.make_node("Max", [t + "from", zero], [t + "index"], name=t + "index"),
+            helper.make_node("Unsqueeze", [t + "index", const(t + "ax2", [2])], [t + "index3"], name=t + "index3"),
+            helper.make_node("GatherND", [hidden, t + "index3"], [sliced], batch_dims=1, name=t + "gather"),
         ]
     at = list(graph.node).index(head)
     for offset, node in enumerate(nodes):
@@ -167,5 +179,5 @@ def keep_last_logits(onnx_path: Path, *, right_padded: bool = False) -> None:
     head.input[0] = sliced
     for output in graph.output:
         if output.name == "logits":
-            output.type.tensor_type.shape.dim[1].dim_value = 1
+            output.type.tensor_type.shape.dim[1].dim_param = "logits_positions"
     onnx.save_model(model, str(onnx_path))

@@ -41,7 +41,7 @@ class _SharedBinding:
 
     past: list[KV]  # the cache's list of buffers; a new list means they were reallocated or moved
     binding: ort.IOBinding
-    logits: np.ndarray  # [batch, 1, vocab], overwritten by every step
+    logits: np.ndarray  # [batch, positions, vocab], overwritten by every step
 
 
 @dataclass
@@ -91,6 +91,10 @@ class Decoder:
         # Prompts of different lengths share one prefill where each row's last logits can be found: graphs
         # that gather them per row (see export.quantize.keep_last_logits) or that return every position.
         self.batched_prefill = self.right_padded and manifest.logits in ("per-row", "all")
+        # How many of a step's last positions per row get logits: a decode step that verifies k drafted tokens
+        # needs k + 1. Exports older than the window give one; graphs of others give them all.
+        self._windowed = manifest.logits_window > 0
+        self.logits_window = manifest.logits_window or (1 << 30 if manifest.logits == "all" else 1)
         # "auto" binds on device providers, where it saves two copies of the whole cache per step; "on"
         # also binds on the CPU (same results; used to test this path where no GPU is).
         device = _DEVICES.get(self.provider)
@@ -106,11 +110,11 @@ class Decoder:
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
         on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None and not fp32_cache
         self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
-        self._shared: _SharedBinding | None = None
+        self._shared: dict[tuple[int, int], _SharedBinding] = {}  # by (rows, logits positions)
 
     def release(self) -> None:
-        """Let go of the kept binding, and so of the cache buffers it holds, once no row is decoding."""
-        self._shared = None
+        """Let go of the kept bindings, and so of the cache buffers they hold, once no row is decoding."""
+        self._shared = {}
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
@@ -132,7 +136,7 @@ class Decoder:
             mask[row, cut] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True)
-        if out.logits.shape[1] > 1 and self.right_padded:  # a graph that returns every position
+        if self.right_padded and not self._windowed and out.logits.shape[1] == width:  # every position given
             last = np.asarray([len(p) - 1 for p in prompts])
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
         return StepOutput(logits=out.logits[:, -1, :], present=out.present)
@@ -176,8 +180,12 @@ class Decoder:
         Host buffers from the cache (after rows joined or left, or the buffers grew) go to the device once
         on a GPU; the device buffers are then the cache, handed back as the present.
         """
-        shared = self._shared
-        if shared is None or shared.past is not past or shared.logits.shape[0] != len(feeds["input_ids"]):
+        rows, new = feeds["input_ids"].shape
+        key = (rows, min(new, self.logits_window))
+        shared = self._shared.get(key)
+        if shared is None or shared.past is not past:
+            if any(kept.past is not past for kept in self._shared.values()):
+                self._shared = {}  # bound to buffers the cache has since replaced
             binding = self.session.io_binding()
             device, device_id = self.binding_device or ("cpu", 0)
             buffers = [value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
@@ -185,10 +193,11 @@ class Decoder:
             for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
                 binding.bind_ortvalue_input(past_name, buffer)
                 binding.bind_ortvalue_output(present_name, buffer)
-            logits = np.empty((len(feeds["input_ids"]), 1, self.vocab_size), dtype=self._logits_dtype)
+            logits = np.empty((*key, self.vocab_size), dtype=self._logits_dtype)
             binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-            kept = past if self.binding_device is None else buffers
-            shared = self._shared = _SharedBinding(past=kept, binding=binding, logits=logits)
+            on_device = self.binding_device is not None and not all(isinstance(v, ort.OrtValue) for v in past)
+            kept = buffers if on_device else past
+            shared = self._shared[key] = _SharedBinding(past=kept, binding=binding, logits=logits)
         for name, value in feeds.items():
             shared.binding.bind_cpu_input(name, value)
         self.session.run_with_iobinding(shared.binding)

@@ -1,5 +1,9 @@
 """Embeddings: inputs from concurrent requests are batched into one run, then pooled in numpy.
 
+Inputs queued together (up to ``SORT_WINDOW`` batches' worth, from any requests) are sorted by length before
+they are cut into batches, so a batch pads its rows to a length close to theirs rather than to the longest
+input in sight (Infinity does the same); each input's vector still goes back to its own request and place.
+
 Pre (tokenize, done by the caller) → core (``session.run`` on a padded batch) → post (pooling and
 normalisation exactly as the model's sentence-transformers modules declare them).
 """
@@ -20,6 +24,9 @@ from fastllm.manifest import Manifest
 from fastllm.runtime.providers import create_session
 
 log = logging.getLogger(__name__)
+
+# Batches' worth of queued inputs sorted by length together before they are cut into batches.
+SORT_WINDOW = 4
 
 
 def pool(hidden: np.ndarray, mask: np.ndarray, mode: str, normalize: bool) -> np.ndarray:
@@ -106,16 +113,24 @@ class EmbeddingEngine:
                     self._wake.wait()
                 if self._stopping and not self._jobs:
                     return
-                jobs, self._jobs = self._jobs[: self.batch_size], self._jobs[self.batch_size :]
-            try:
-                vectors = self.run_batch([job.ids for job in jobs])
-            except Exception:
-                log.exception("embedding batch failed")
-                for job in jobs:
-                    job.loop.call_soon_threadsafe(_fail, job.future)
-                continue
-            for job, vector in zip(jobs, vectors, strict=True):
-                job.loop.call_soon_threadsafe(_resolve, job.future, vector)
+                taken = SORT_WINDOW * self.batch_size
+                jobs, self._jobs = self._jobs[:taken], self._jobs[taken:]
+            jobs.sort(key=lambda job: len(job.ids))
+            for start in range(0, len(jobs), self.batch_size):
+                self._run([job for job in jobs[start: start + self.batch_size] if not job.future.done()])
+
+    def _run(self, jobs: list[_Job]) -> None:
+        if not jobs:  # every request in this batch went away
+            return
+        try:
+            vectors = self.run_batch([job.ids for job in jobs])
+        except Exception:
+            log.exception("embedding batch failed")
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_fail, job.future)
+            return
+        for job, vector in zip(jobs, vectors, strict=True):
+            job.loop.call_soon_threadsafe(_resolve, job.future, vector)
 
 
 def _resolve(future: asyncio.Future[np.ndarray], value: np.ndarray) -> None:

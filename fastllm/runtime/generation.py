@@ -31,9 +31,15 @@ from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache, to_host
 from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
+from fastllm.runtime.speculation import PromptLookupDrafter, TokenHistory
 from fastllm.tokenization.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Rows above which a decode step does not verify drafts (see GenerationEngine._drafts). ONNX Runtime's
+# GroupQueryAttention takes several new tokens on a past for one row only; and on a full batch a decode step is
+# no longer bound by reading the weights, so verifying drafts would cost every row real compute.
+SPECULATION_MAX_ROWS = 1
 
 
 def greedy_tokens(decoder: Decoder, prompt: list[int]) -> Iterator[int]:
@@ -68,6 +74,8 @@ class GenerationRequest:
     grammar: CompiledGrammar | None = None
     # False where the text must keep special tokens (a tool-call syntax that opens with one).
     skip_special_tokens: bool = True
+    # False opts this request out of speculative decoding where the model has it on.
+    speculative: bool = True
 
 
 @dataclass
@@ -93,6 +101,7 @@ class _Sequence:
     generated: int = 0
     finish_reason: str | None = None
     output: list[int] = field(default_factory=list)  # the tokens sampled so far
+    history: TokenHistory | None = None  # prompt and output, where a drafter looks for the next tokens
 
 
 class _Pending:
@@ -126,13 +135,15 @@ class EngineStats:
     prefill_runs: int = 0
     prefill_chunks: int = 0
     last_batch_size: int = 0
+    drafted_tokens: int = 0  # speculative decoding: tokens proposed by the drafter and verified
+    accepted_tokens: int = 0  # of those, the ones the model agreed with
 
 
 class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
                  prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256,
-                 kv_budget_bytes: int | None = None) -> None:
+                 kv_budget_bytes: int | None = None, drafter: PromptLookupDrafter | None = None) -> None:
         self.decoder = decoder
         self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
@@ -148,6 +159,7 @@ class GenerationEngine:
         self._waiting: deque[_Pending] = deque()
         self._running: list[_Sequence] = []
         self._cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
+        self.drafter = drafter if drafter is not None and self._can_verify(name) else None
         self._wake = threading.Condition()
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{name}")
         self._stopping = False
@@ -361,6 +373,7 @@ class GenerationEngine:
                     detok=IncrementalDetokenizer(self.tokenizer, request.stop,
                                                  skip_special_tokens=request.skip_special_tokens),
                     position=len(request.prompt_ids),
+                    history=TokenHistory(request.prompt_ids) if self._drafts_for(request) else None,
                 )
                 for i in range(request.n)
             ]
@@ -380,35 +393,86 @@ class GenerationEngine:
         for pending, deltas in sent:
             pending.send(deltas)
 
+    def _can_verify(self, name: str) -> bool:
+        """Drafted tokens are verified on shared KV buffers (a row that rejects some just keeps a shorter
+        length) by a graph that returns logits for several positions (exports since the logits window)."""
+        if self.decoder.logits_window > 1 and self._cache.shared:
+            return True
+        log.warning("speculative decoding is off for %s: it needs a fused graph exported by this version, on "
+                    "the CPU or at fp16 on CUDA (this one: graph=%s, logits window %d, shared KV %s)", name,
+                    "fused" if self.decoder.right_padded else "optimum", min(self.decoder.logits_window, 99),
+                    self._cache.shared)
+        return False
+
+    def _drafts_for(self, request: GenerationRequest) -> bool:
+        """Constrained rows decode a token per step: their grammar would have to follow every drafted token."""
+        return self.drafter is not None and request.speculative and request.grammar is None
+
+    def _drafts(self) -> list[list[int]]:
+        """Each running row's drafted tokens (none for rows that do not speculate or find no match); none at
+        all in a batch above ``SPECULATION_MAX_ROWS``."""
+        if self.drafter is None or len(self._running) > SPECULATION_MAX_ROWS:
+            return [[] for _ in self._running]
+        return [self.drafter.draft(seq.history.tokens, seq.request.request.max_tokens - seq.generated - 1)
+                if seq.history is not None else [] for seq in self._running]
+
     def _decode_step(self) -> None:
-        tokens = np.asarray([[s.next_token] for s in self._running], dtype=np.int64)
-        positions = np.asarray([[s.position] for s in self._running], dtype=np.int64)
+        """One step for every running row: its next token, and the tokens drafted after it, if any (the same
+        multi-token step as a chunked prefill's); each row then samples position by position and keeps the
+        drafts up to the first its sampler disagrees with."""
+        drafts = self._drafts()
+        new = 1 + max(map(len, drafts), default=0)
+        tokens = np.asarray([[s.next_token, *d, *[s.next_token] * (new - 1 - len(d))]
+                             for s, d in zip(self._running, drafts, strict=True)], dtype=np.int64)
+        positions = np.asarray([[s.position] for s in self._running], dtype=np.int64) + np.arange(new)
         for seq in self._running:  # grammar masks are computed while the model runs
             if seq.sampler.grammar is not None:
                 seq.sampler.grammar.prefetch(self._grammar_pool)
-        mask = self._cache.next_mask()
-        out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(), in_place=self._cache.shared)
-        self._cache.step(out.present)
+        mask = self._cache.next_mask(new)
+        out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(new), in_place=self._cache.shared,
+                                   all_logits=new > 1)
+        logits = out.logits if new > 1 else out.logits[:, None, :]
+        advance = np.ones(len(self._running), dtype=np.int64)
         self.stats.steps += 1
         self.stats.last_batch_size = len(self._running)
         by_request: dict[int, tuple[_Pending, list[Delta]]] = {}
-        for row, seq in enumerate(self._running):
-            seq.position += 1
+        for row, (seq, draft) in enumerate(zip(self._running, drafts, strict=True)):
             try:
-                delta = self._accept(seq, out.logits[row])
+                delta = self._verify(seq, logits[row], draft)
             except Exception:
                 log.exception("sampling failed for a request to %s", self.name)
                 seq.finish_reason = "error"
                 seq.request.cancelled = True
                 seq.request.send(EngineError("the model failed while generating this response"))
                 continue
+            advance[row] = len(delta.token_ids)
             by_request.setdefault(id(seq.request), (seq.request, []))[1].append(delta)
+        self._cache.step(out.present, advance if new > 1 else None)
         if any(s.finish_reason for s in self._running):
             self._retain([s for s in self._running if s.finish_reason is None])
         self._update_stats()
         for pending, deltas in by_request.values():
             if not pending.cancelled:
                 pending.send(deltas)
+
+    def _verify(self, seq: _Sequence, logits: np.ndarray, draft: list[int]) -> Delta:
+        """Sample ``seq`` at each position in turn while the token sampled is the one drafted there, and return
+        the tokens taken as one delta. Sampling from the model's own distribution and accepting on equality is
+        the speculative-sampling rule for a drafter that proposes one token with certainty."""
+        delta = self._accept(seq, logits[0])
+        seq.position += 1
+        for position, drafted in enumerate(draft, start=1):
+            if seq.finish_reason or seq.next_token != drafted:
+                break
+            self.stats.accepted_tokens += 1
+            more = self._accept(seq, logits[position])
+            seq.position += 1
+            delta.text += more.text
+            delta.token_ids += more.token_ids
+            delta.logprobs += more.logprobs
+            delta.finish_reason = more.finish_reason
+        self.stats.drafted_tokens += len(draft)
+        return delta
 
     def _accept(self, seq: _Sequence, logits: np.ndarray) -> Delta:
         """Sample one token for ``seq`` and turn it into a delta, finishing the sequence if due."""
@@ -417,6 +481,8 @@ class GenerationEngine:
         seq.generated += 1
         seq.output.append(token)
         seq.next_token = token
+        if seq.history is not None:
+            seq.history.append(token)
         delta = Delta(index=seq.index, token_ids=[token], logprobs=[logprob] if logprob else [])
         if token in self.eos and not request.ignore_eos:
             seq.finish_reason = "stop"

@@ -96,28 +96,32 @@ class BatchCache:
         cut = slice(0, length) if self.right_padded else slice(self.width - length, self.width)
         return [to_host(p)[row, :, cut, :] for p in self.past]
 
-    def next_mask(self) -> np.ndarray:
-        """The attention mask for a decode step: each row's cache plus the token being fed."""
-        width = self.width + 1
+    def next_mask(self, new: int = 1) -> np.ndarray:
+        """The attention mask for a decode step: each row's cache plus the ``new`` tokens being fed (more than
+        one when drafted tokens are verified)."""
+        width = self.width + new
         columns = np.arange(width)
         if self.right_padded:
-            return (columns[None, :] < (self.lengths + 1)[:, None]).astype(np.int64)
-        return (columns[None, :] >= (width - self.lengths - 1)[:, None]).astype(np.int64)
+            return (columns[None, :] < (self.lengths + new)[:, None]).astype(np.int64)
+        return (columns[None, :] >= (width - self.lengths - new)[:, None]).astype(np.int64)
 
-    def next_past(self) -> list[Any]:
-        """The past for the next decode step; in shared mode with room for its token in every row."""
+    def next_past(self, new: int = 1) -> list[Any]:
+        """The past for the next decode step; in shared mode with room for its ``new`` tokens in every row."""
         if self.shared:
-            needed, have = self.width + 1, _columns(self.past[0])
+            needed, have = self.width + new, _columns(self.past[0])
             if have < needed:
                 grown = max(needed, have + max(64, have // 4))
                 self.past = [self._stack(to_host(p), None, grown) for p in self.past]
         return self.past
 
-    def step(self, present: list[Any]) -> None:
-        """After a decode step every row grew by one real token: adopt the graph's output as the cache (in
-        shared mode the buffers it wrote into: the same arrays on the CPU, their device copies on a GPU)."""
+    def step(self, present: list[Any], advance: np.ndarray | None = None) -> None:
+        """After a decode step every row grew by one real token, or by ``advance`` tokens per row where drafted
+        tokens were verified: adopt the graph's output as the cache (in shared mode the buffers it wrote into:
+        the same arrays on the CPU, their device copies on a GPU). Keys and values the graph wrote for
+        rejected drafts lie past a row's length, where the mask hides them and the next step overwrites them;
+        that needs shared buffers, the only mode in which a step may advance rows by other than one."""
         self.past = present
-        self.lengths = self.lengths + 1
+        self.lengths = self.lengths + (1 if advance is None else advance)
 
     def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
         """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side, written

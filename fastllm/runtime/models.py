@@ -17,6 +17,7 @@ from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
 from fastllm.runtime.grammar import GrammarCompiler
 from fastllm.runtime.prefix_cache import PrefixCache
+from fastllm.runtime.speculation import PromptLookupDrafter
 from fastllm.tokenization import ChatTemplate, Tokenizer
 from fastllm.tokenization.tool_calls import FALLBACK, ToolCallSyntax, detect_syntax
 
@@ -128,6 +129,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             max_prefill_tokens=runtime.max_prefill_tokens, max_queue=runtime.max_queue, name=served_id,
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
+            drafter=PromptLookupDrafter(config.speculative_tokens) if config.speculative == "ngram" else None,
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)

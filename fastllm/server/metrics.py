@@ -39,6 +39,11 @@ class Metrics:
                                  ("evicted_blocks", "Blocks evicted from the prefix cache"),
                                  ("bytes", "Host memory held by the prefix cache"),
                                  ("budget_bytes", "The prefix cache's memory budget"))}
+        self.speculative = {name: Gauge(f"fastllm_speculative_{name}", help_text, ["model"], registry=r)
+                            for name, help_text in (
+                                ("drafted_tokens", "Tokens drafted by speculative decoding and verified"),
+                                ("accepted_tokens", "Drafted tokens the model agreed with (acceptance rate = "
+                                                    "accepted / drafted)"))}
         self.kv_cache_bytes = Gauge("fastllm_kv_cache_bytes", "Memory the running batch's KV cache holds", ["model"],
                                     registry=r)
         self.kv_budget_bytes = Gauge("fastllm_kv_budget_bytes", "The running batch's KV memory budget (0 = none)",
@@ -48,6 +53,8 @@ class Metrics:
         """Gauges read live from an engine's stats at scrape time."""
         self.queue_depth.labels(model).set_function(lambda: stats().waiting)
         self.batch_size.labels(model).set_function(lambda: stats().running)
+        self.speculative["drafted_tokens"].labels(model).set_function(lambda: stats().drafted_tokens)
+        self.speculative["accepted_tokens"].labels(model).set_function(lambda: stats().accepted_tokens)
 
     def watch_kv(self, model: str, engine: Any) -> None:
         self.kv_cache_bytes.labels(model).set_function(engine.kv_bytes)

@@ -159,7 +159,7 @@ def build(model: ServedModel, body: _SamplingFields, prompt_ids: list[int], *, m
         seed=None if body.seed is None else body.seed % 2**64,
     )
     return GenerationRequest(prompt_ids=prompt_ids, params=params, max_tokens=max_tokens or room, stop=stop,
-                             n=body.n, ignore_eos=body.ignore_eos)
+                             n=body.n, ignore_eos=body.ignore_eos, speculative=body.speculative)
 
 
 async def chat_request(model: ServedModel, body: ChatCompletionRequest,

@@ -147,6 +147,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     repetition_penalty: Annotated[float, Meta(ge=0.01, le=10.0)] | None = None
     logit_bias: LogitBias = None
     ignore_eos: bool = False
+    # Extension: false opts this request out of speculative decoding where the model has it on.
+    speculative: bool = True
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
