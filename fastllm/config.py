@@ -85,8 +85,8 @@ class ModelConfig(_Section):
     # and verifies them in one step, which pays off where answers repeat their input (code edits, RAG, tool
     # loops); outputs keep their distribution. Needs a fused graph. Requests opt out with "speculative": false.
     speculative: Literal["off", "ngram"] = "off"
-    # Tokens drafted per step, at most 7 (the graph gives logits for a step's last 8 positions).
-    speculative_tokens: int = Field(default=4, ge=1, le=7)
+    # The most tokens drafted for one step (each sequence starts at 4 and doubles while all are accepted).
+    speculative_tokens: int = Field(default=32, ge=1, le=64)
 
 
 class RuntimeConfig(_Section):
@@ -188,8 +188,11 @@ def _merge(base: dict[str, Any], top: dict[str, Any], *, top_level: bool = False
     for key, value in top.items():
         below = result.get(key)
         if isinstance(value, dict) and isinstance(below, dict):
+            # A [model] table that names another model than the one below it describes that model: the keys
+            # below (another model's) are dropped. One below that names no model (FASTLLM_MODEL__SPECULATIVE
+            # alone) tunes whichever model is served, and stays.
             starts_fresh = (top_level and key == "model" and "model_id" in value
-                            and value["model_id"] != below.get("model_id"))
+                            and below.get("model_id", value["model_id"]) != value["model_id"])
             result[key] = dict(value) if starts_fresh else _merge(below, value)
         else:
             result[key] = value

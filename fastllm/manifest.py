@@ -21,6 +21,11 @@ FORMAT_VERSION = 1
 Task = Literal["text-generation", "embedding"]
 
 
+# The input of our decoder graphs that says how many of each row's last positions get logits (transformers'
+# name for it): 1 for prefill and plain decoding, k + 1 for a step that verifies k drafted tokens.
+LOGITS_TO_KEEP = "num_logits_to_keep"
+
+
 class Quality(msgspec.Struct, kw_only=True):
     """How far a quantized export drifts from its fp32 reference on a fixed text."""
 
@@ -46,12 +51,10 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # "fused": ONNX Runtime GenAI's builder graph (GroupQueryAttention, fused norms; right-padded batches).
     graph: Literal["optimum", "fused"] = "optimum"
     # Which positions the graph's logits cover: "all" (as exported by others), "last-column" (our
-    # left-padded graphs), "per-row" (each row's last real token: right-padded prompts batch together).
+    # left-padded graphs), "per-row" (each row's last real token: right-padded prompts batch together). Ours
+    # since speculative decoding take ``num_logits_to_keep``: that many of each row's last positions.
     # Empty for exports older than this field; those prefill one prompt at a time.
     logits: Literal["", "all", "last-column", "per-row"] = ""
-    # With "last-column" or "per-row": how many of each row's last positions get logits (a multi-token step
-    # verifying drafted tokens reads them all); 0 for exports older than this field, which give one.
-    logits_window: int = 0
     num_layers: int = 0
     num_kv_heads: int = 0
     head_dim: int = 0

@@ -102,11 +102,17 @@ def measure(url: str, label: str, repeat: int, max_tokens: int, extra: dict[str,
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
-    lines = ["| server | " + " | ".join(f"{name}: tok/s (tokens)" for name in PROMPTS) + " |",
-             "|---|" + "---|" * len(PROMPTS)]
+    """One row per server; the last column compares each answer with the first run of the same model (its
+    plain decoding, when that came first), prompt by prompt."""
+    lines = ["| server | " + " | ".join(f"{name}: tok/s (tokens)" for name in PROMPTS) + " | answers as the first row "
+             "of this model |", "|---|" + "---|" * (len(PROMPTS) + 1)]
+    first: dict[str, dict[str, Any]] = {}
     for result in results:
         cells = [f"{result['rows'][n]['decode_tok_s']:.1f} ({result['rows'][n]['tokens']})" for n in PROMPTS]
-        lines.append(f"| {result['label']} | " + " | ".join(cells) + " |")
+        base = first.setdefault(result["model"], result)
+        same = "—" if base is result else ", ".join(
+            f"{n}: {'same' if result['rows'][n]['text'] == base['rows'][n]['text'] else 'differs'}" for n in PROMPTS)
+        lines.append(f"| {result['label']} | " + " | ".join(cells) + f" | {same} |")
     return "\n".join(lines) + "\n"
 
 

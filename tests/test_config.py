@@ -147,6 +147,12 @@ def test_cli_model_does_not_inherit_the_files_revision_or_name(tmp_path: Path) -
     assert load_settings(config, {"model": {"served_model_name": "x"}}).model.revision == "0123abc"
 
 
+def test_env_tuning_without_a_model_applies_to_the_cli_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTLLM_MODEL__SPECULATIVE", "ngram")
+    settings = load_settings(None, {"model": {"model_id": "org/b"}})
+    assert settings.model == ModelConfig(model_id="org/b", speculative="ngram")
+
+
 def test_env_model_id_with_its_own_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = write(tmp_path / "config.json", json.dumps(SEED_JSON))
     monkeypatch.setenv("FASTLLM_MODEL__MODEL_ID", "org/other")

@@ -44,6 +44,10 @@ def test_the_drafter_continues_the_latest_match_of_the_longest_tail() -> None:
     assert drafter.draft(history, 10) == [7, 8, 5, 6]  # "2 3" last occurred before "7 8 5 6"
     assert drafter.draft(history, 2) == [7, 8]  # never past what the request may still generate
     assert drafter.draft(np.asarray([5, 6, 7, 8], dtype=np.int64), 4) == []  # the tail occurs nowhere else
+    # Drafts double while all are accepted, up to the most allowed, and shrink to what a rejection left.
+    assert [drafter.next_length(4, 4, 4), PromptLookupDrafter(6).next_length(4, 4, 4)] == [4, 6]
+    assert PromptLookupDrafter(32).next_length(8, 8, 8) == 16
+    assert [drafter.next_length(4, 4, 3), drafter.next_length(4, 4, 0)] == [3, 1]
     history = TokenHistory([4, 5])
     for token in range(100):
         history.append(token)

@@ -104,13 +104,12 @@ def export(options: ExportOptions) -> Path:
             log.info("[4/5] keeping the fp32 graph as exported (no --dtype/--quantize rewrite)")
         if checkpoint.task == "text-generation":
             from fastllm.export import validate
-            from fastllm.export.quantize import LOGITS_WINDOW, keep_last_logits
+            from fastllm.export.quantize import keep_last_logits
 
             if options.validate and (options.quantize != "none" or options.dtype != "fp32"):
                 validate.measure_quality(staging, manifest, model, tokenizer)
             keep_last_logits(staging / manifest.onnx_file, right_padded=manifest.graph == "fused")
             manifest.logits = "per-row" if manifest.graph == "fused" else "last-column"
-            manifest.logits_window = LOGITS_WINDOW
         if options.validate:
             log.info("[5/5] validating against PyTorch")
             _validate(staging, manifest, checkpoint, model, tokenizer)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastllm.manifest import LOGITS_TO_KEEP
+
 log = logging.getLogger(__name__)
 
 _TWO_GB = 2**31 - 1
@@ -114,15 +116,13 @@ def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
     )
 
 
-LOGITS_WINDOW = 8
-
-
-def keep_last_logits(onnx_path: Path, *, right_padded: bool = False, window: int = LOGITS_WINDOW) -> None:
-    """Compute logits for each row's last ``window`` positions only (fewer if fewer are new), before the lm_head.
+def keep_last_logits(onnx_path: Path, *, right_padded: bool = False) -> None:
+    """Compute logits for each row's last ``num_logits_to_keep`` positions only (a new int64 input of shape [1];
+    fewer if fewer are new), before the lm_head.
 
     Generation reads one position per row, and for a 49k vocabulary the prompt's lm_head is a large part of
-    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). Speculative decoding verifies a few
-    drafted tokens in one step and reads each of their positions: hence a small window rather than one.
+    the prefill (131 positions × 576 × 49152 multiply-adds for SmolLM2). Speculative decoding verifies drafted
+    tokens in one step and reads each of their positions: it feeds their count, every other step feeds 1.
     Left-padded graphs (optimum's) have every row's last token in the last column: a ``Slice``. Right-padded
     graphs (fused) prefill prompts of different lengths in one batch, so each row's last real token comes from
     its attention mask: ``min(sum(mask), new) - 1`` (with an empty past the mask covers just the new tokens;
@@ -139,20 +139,21 @@ def keep_last_logits(onnx_path: Path, *, right_padded: bool = False, window: int
         return
     hidden = head.input[0]
     sliced = hidden + "_last_position"
+    graph.input.append(helper.make_tensor_value_info(LOGITS_TO_KEEP, onnx.TensorProto.INT64, [1]))
 
     def const(name: str, values: list[int]) -> str:
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name=name))
         return name
 
+    t = "fastllm_last_"
     if not right_padded:
-        nodes = [helper.make_node(
-            "Slice", [hidden, const("fastllm_last_start", [-window]),
-                      const("fastllm_last_end", [np.iinfo(np.int64).max]), const("fastllm_last_axis", [1])],
-            [sliced], name="fastllm_last_position")]
+        nodes = [
+            helper.make_node("Neg", [LOGITS_TO_KEEP], [t + "start"], name=t + "start"),
+            helper.make_node("Slice", [hidden, t + "start", const(t + "end", [np.iinfo(np.int64).max]),
+                                       const(t + "axis", [1])], [sliced], name=t + "position"),
+        ]
     else:
-        t = "fastllm_last_"
         one, zero, axis1 = const(t + "one", [1]), const(t + "zero", [0]), const(t + "ax1", [1])
-        size = const(t + "window", [window])
         scalar = const(t + "scalar", [])  # an empty shape: Reshape to a scalar, as Range wants
         nodes = [
             helper.make_node("Cast", ["attention_mask"], [t + "mask64"], to=onnx.TensorProto.INT64, name=t + "cast"),
@@ -160,7 +161,7 @@ def keep_last_logits(onnx_path: Path, *, right_padded: bool = False, window: int
             helper.make_node("Shape", ["input_ids"], [t + "new"], start=1, end=2, name=t + "new"),
             helper.make_node("Min", [t + "real", t + "new"], [t + "count"], name=t + "count"),
             helper.make_node("Sub", [t + "count", one], [t + "end"], name=t + "end"),  # [batch]
-            helper.make_node("Min", [t + "new", size], [t + "n"], name=t + "n"),  # [1]
+            helper.make_node("Min", [t + "new", LOGITS_TO_KEEP], [t + "n"], name=t + "n"),  # [1]
             helper.make_node("Reshape", [t + "n", scalar], [t + "n0"], name=t + "n0"),
             helper.make_node("Reshape", [one, scalar], [t + "one0"], name=t + "one0"),
             helper.make_node("Reshape", [zero, scalar], [t + "zero0"], name=t + "zero0"),

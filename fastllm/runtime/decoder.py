@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from fastllm.errors import ModelLoadError
-from fastllm.manifest import Manifest
+from fastllm.manifest import LOGITS_TO_KEEP, Manifest
 from fastllm.runtime.providers import create_session
 
 log = logging.getLogger(__name__)
@@ -91,10 +91,10 @@ class Decoder:
         # Prompts of different lengths share one prefill where each row's last logits can be found: graphs
         # that gather them per row (see export.quantize.keep_last_logits) or that return every position.
         self.batched_prefill = self.right_padded and manifest.logits in ("per-row", "all")
-        # How many of a step's last positions per row get logits: a decode step that verifies k drafted tokens
-        # needs k + 1. Exports older than the window give one; graphs of others give them all.
-        self._windowed = manifest.logits_window > 0
-        self.logits_window = manifest.logits_window or (1 << 30 if manifest.logits == "all" else 1)
+        # Whether a step can return logits for several positions per row, as a decode step that verifies k
+        # drafted tokens needs (k + 1): ours take how many (num_logits_to_keep); graphs of others give them all.
+        self.keeps_logits = LOGITS_TO_KEEP in inputs
+        self.multi_position_logits = self.keeps_logits or manifest.logits == "all"
         # "auto" binds on device providers, where it saves two copies of the whole cache per step; "on"
         # also binds on the CPU (same results; used to test this path where no GPU is).
         device = _DEVICES.get(self.provider)
@@ -136,7 +136,7 @@ class Decoder:
             mask[row, cut] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
         out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True)
-        if self.right_padded and not self._windowed and out.logits.shape[1] == width:  # every position given
+        if self.right_padded and out.logits.shape[1] == width > 1:  # a graph that returns every position
             last = np.asarray([len(p) - 1 for p in prompts])
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
         return StepOutput(logits=out.logits[:, -1, :], present=out.present)
@@ -151,8 +151,9 @@ class Decoder:
         return self.forward(ids, mask, positions, past)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-                past: list[KV], *, all_logits: bool = False, in_place: bool = False) -> StepOutput:
-        """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding.
+                past: list[KV], *, all_logits: bool = False, in_place: bool = False, keep: int = 1) -> StepOutput:
+        """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding. ``keep``: the last
+        positions per row whose logits ``all_logits`` returns, where the graph computes only those.
 
         ``in_place`` (with ``shares_kv``): ``past`` are buffers with spare columns, bound as the present
         too, so the graph writes the new keys/values into them instead of copying the whole cache into a
@@ -162,6 +163,8 @@ class Decoder:
         feeds: dict[str, np.ndarray] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.has_position_ids:
             feeds["position_ids"] = position_ids
+        if self.keeps_logits:
+            feeds[LOGITS_TO_KEEP] = np.asarray([keep], dtype=np.int64)
         if in_place:
             logits, present = self._in_place(feeds, past)
         elif self.binding_device is not None:
@@ -181,7 +184,9 @@ class Decoder:
         on a GPU; the device buffers are then the cache, handed back as the present.
         """
         rows, new = feeds["input_ids"].shape
-        key = (rows, min(new, self.logits_window))
+        positions = min(new, int(feeds[LOGITS_TO_KEEP][0])) if self.keeps_logits else \
+            new if self.multi_position_logits else 1
+        key = (rows, positions)  # the logits' shape
         shared = self._shared.get(key)
         if shared is None or shared.past is not past:
             if any(kept.past is not past for kept in self._shared.values()):

@@ -102,6 +102,7 @@ class _Sequence:
     finish_reason: str | None = None
     output: list[int] = field(default_factory=list)  # the tokens sampled so far
     history: TokenHistory | None = None  # prompt and output, where a drafter looks for the next tokens
+    draft_length: int = 0  # how many tokens the drafter may propose next (it adapts to what was accepted)
 
 
 class _Pending:
@@ -374,6 +375,7 @@ class GenerationEngine:
                                                  skip_special_tokens=request.skip_special_tokens),
                     position=len(request.prompt_ids),
                     history=TokenHistory(request.prompt_ids) if self._drafts_for(request) else None,
+                    draft_length=self.drafter.first_length if self.drafter is not None else 0,
                 )
                 for i in range(request.n)
             ]
@@ -396,12 +398,12 @@ class GenerationEngine:
     def _can_verify(self, name: str) -> bool:
         """Drafted tokens are verified on shared KV buffers (a row that rejects some just keeps a shorter
         length) by a graph that returns logits for several positions (exports since the logits window)."""
-        if self.decoder.logits_window > 1 and self._cache.shared:
+        if self.decoder.multi_position_logits and self._cache.shared:
             return True
         log.warning("speculative decoding is off for %s: it needs a fused graph exported by this version, on "
-                    "the CPU or at fp16 on CUDA (this one: graph=%s, logits window %d, shared KV %s)", name,
-                    "fused" if self.decoder.right_padded else "optimum", min(self.decoder.logits_window, 99),
-                    self._cache.shared)
+                    "the CPU or at fp16 on CUDA (this one: graph=%s, logits for several positions %s, shared KV "
+                    "%s)", name, "fused" if self.decoder.right_padded else "optimum",
+                    self.decoder.multi_position_logits, self._cache.shared)
         return False
 
     def _drafts_for(self, request: GenerationRequest) -> bool:
@@ -413,7 +415,8 @@ class GenerationEngine:
         all in a batch above ``SPECULATION_MAX_ROWS``."""
         if self.drafter is None or len(self._running) > SPECULATION_MAX_ROWS:
             return [[] for _ in self._running]
-        return [self.drafter.draft(seq.history.tokens, seq.request.request.max_tokens - seq.generated - 1)
+        return [self.drafter.draft(seq.history.tokens, min(seq.draft_length,
+                                                           seq.request.request.max_tokens - seq.generated - 1))
                 if seq.history is not None else [] for seq in self._running]
 
     def _decode_step(self) -> None:
@@ -430,7 +433,7 @@ class GenerationEngine:
                 seq.sampler.grammar.prefetch(self._grammar_pool)
         mask = self._cache.next_mask(new)
         out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(new), in_place=self._cache.shared,
-                                   all_logits=new > 1)
+                                   all_logits=new > 1, keep=new)
         logits = out.logits if new > 1 else out.logits[:, None, :]
         advance = np.ones(len(self._running), dtype=np.int64)
         self.stats.steps += 1
@@ -461,17 +464,21 @@ class GenerationEngine:
         the speculative-sampling rule for a drafter that proposes one token with certainty."""
         delta = self._accept(seq, logits[0])
         seq.position += 1
+        accepted = 0
         for position, drafted in enumerate(draft, start=1):
             if seq.finish_reason or seq.next_token != drafted:
                 break
-            self.stats.accepted_tokens += 1
+            accepted += 1
             more = self._accept(seq, logits[position])
             seq.position += 1
             delta.text += more.text
             delta.token_ids += more.token_ids
             delta.logprobs += more.logprobs
             delta.finish_reason = more.finish_reason
-        self.stats.drafted_tokens += len(draft)
+        if draft and self.drafter is not None:
+            seq.draft_length = self.drafter.next_length(seq.draft_length, len(draft), accepted)
+            self.stats.drafted_tokens += len(draft)
+            self.stats.accepted_tokens += accepted
         return delta
 
     def _accept(self, seq: _Sequence, logits: np.ndarray) -> Delta:

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Speculative decoding, one client, FastLLM against llama.cpp's own llama-server, one server at a time on this
+# machine, written to docs/benchmarks-speculative.md (see scripts/bench_speculative.py for what is measured):
+#   scripts/bench_speculative.sh                       # Qwen2.5-Coder 0.5B and 1.5B, ~25 min on 2 cores
+#   MODELS=qwen-coder scripts/bench_speculative.sh     # one of them
+# FastLLM serves the fused int4 export with [model] speculative "off", then "ngram" (prompt lookup).
+# llama-server (1 slot, built once by scripts/peers/llama_server.sh) serves the same GGUF requantized to Q4_0,
+# plain and with its own n-gram speculation (--spec-type ngram-simple). Nothing else should run meanwhile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck disable=SC1091
+source scripts/setup.sh all
+threads="${THREADS:-$(nproc)}"
+repeat="${REPEAT:-3}"
+out=.cache/bench-speculative
+mkdir -p "$out"
+models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
+llama_bin="$(scripts/peers/llama_server.sh build)"
+
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
+bench() {  # LABEL PORT JSON -- SERVER COMMAND...
+  local label="$1" port="$2" json="$3"; shift 4
+  "$@" > "$json.log" 2>&1 &
+  local pid=$!
+  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  python scripts/bench_speculative.py "http://127.0.0.1:$port/v1" --label "$label" --repeat "$repeat" \
+    --json "$json" >&2
+  kill -TERM "$pid"; wait "$pid" || true
+}
+
+merged=()
+for name in ${MODELS:-qwen-coder qwen-coder-1.5b}; do
+  case "$name" in
+    qwen-coder) gguf="$(scripts/fetch_qwen_coder.sh)"; title="Qwen2.5-Coder-0.5B-Instruct" ;;
+    qwen-coder-1.5b) gguf="$(scripts/fetch_qwen_coder.sh 1.5b)"; title="Qwen2.5-Coder-1.5B-Instruct" ;;
+  esac
+  [ -f "$models/$name-fused-int4/fastllm.json" ] || fastllm export "$gguf" --graph fused --quantize int4 \
+    --name "$title" -o "$models/$name-fused-int4" --force --no-validate >&2
+  q4_0="$out/$name.Q4_0.gguf"
+  [ -f "$q4_0" ] || "$llama_bin/llama-quantize" --allow-requantize "$gguf" "$q4_0" Q4_0 >&2
+  for mode in off ngram; do
+    bench "FastLLM $title int4, speculative $mode" 8301 "$out/$name-fastllm-$mode.json" -- \
+      env FASTLLM_MODEL__SPECULATIVE="$mode" fastllm serve --model "$models/$name-fused-int4" --port 8301 \
+      --threads "$threads" --log-level warning
+    merged+=(--merge "$out/$name-fastllm-$mode.json")
+  done
+  bench "llama-server $title Q4_0" 8302 "$out/$name-llama.json" -- \
+    scripts/peers/llama_server.sh 8302 "$threads" 1 "$q4_0"
+  bench "llama-server $title Q4_0, --spec-type ngram-simple" 8302 "$out/$name-llama-ngram.json" -- \
+    scripts/peers/llama_server.sh 8302 "$threads" 1 "$q4_0" --spec-type ngram-simple
+  merged+=(--merge "$out/$name-llama.json" --merge "$out/$name-llama-ngram.json")
+done
+{
+  echo "# Speculative decoding"
+  echo
+  echo "$(lscpu | sed -n 's/^Model name: *//p'), $(nproc) cores, $(date +%F); \`scripts/bench_speculative.sh\`."
+  echo "One client, greedy, streamed chat; decode tokens/s (answer tokens over first-to-last token time), median"
+  echo "of $repeat runs (\`scripts/bench_speculative.py\`)."
+  echo
+  python scripts/bench_speculative.py "${merged[@]}"
+} > docs/benchmarks-speculative.md
+echo "wrote docs/benchmarks-speculative.md" >&2
