@@ -22,7 +22,7 @@ from conftest import tiny_export
 
 from fastllm.export.pipeline import TOOLS, ExportOptions, default_output
 from fastllm.export.sources import Checkpoint
-from fastllm.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from fastllm.manifest import LOGITS_TO_KEEP, MANIFEST_NAME, read_manifest, sha256_file
 
 CAUSAL = list(tiny_models.CAUSAL)
 EMBEDDERS = list(tiny_models.EMBEDDERS)
@@ -102,7 +102,7 @@ def test_causal_graph_has_kv_cache(name: str) -> None:
     layers = range(manifest.num_layers)
     past = {f"past_key_values.{i}.{kind}" for i in layers for kind in ("key", "value")}
     present = {f"present.{i}.{kind}" for i in layers for kind in ("key", "value")}
-    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", *past}
+    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", LOGITS_TO_KEEP, *past}
     assert set(outputs) == {"logits", *present}
     for name_ in past:
         assert inputs[name_][1] == manifest.num_kv_heads and inputs[name_][3] == manifest.head_dim
