@@ -143,9 +143,12 @@ def main() -> None:
         "tokens banned by `logit_bias`, one request per client per round (at least 4), medians of rounds after a "
         "warm-up request.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "- The llama.cpp rows below are llama-cpp-python's server, which serves one request at a time. Against "
+        "llama.cpp's own llama-server (parallel slots): [benchmarks-llama-server.md](benchmarks-llama-server.md) "
+        "(`scripts/bench_llama_server.sh`).",
         "- Also: [long prompts and conversations against llama-server](benchmarks-long-prompts.md) "
-        "(`scripts/bench_long_prompts.sh`), [what constrained decoding costs](benchmarks-structured.md), "
-        "[CUDA](benchmarks-cuda.md).",
+        "(`scripts/bench_long_prompts.sh`), [speculative decoding](benchmarks-speculative.md), [what constrained "
+        "decoding costs](benchmarks-structured.md), [CUDA](benchmarks-cuda.md).",
         "",
         "## Headlines",
         "",
