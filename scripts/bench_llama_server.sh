@@ -11,25 +11,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/setup.sh all
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
+models="$bench_models"
 threads="${THREADS:-$(nproc)}"
 levels="${LEVELS:-1,2,4,8,16}"
 out=.cache/bench-llama-server
 mkdir -p "$out"
-models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
 llama_bin="$(scripts/peers/llama_server.sh build)"
 
-# shellcheck disable=SC1091
-source scripts/wait_ready.sh
 bench() {  # LABEL PORT BAN -- SERVER COMMAND...
   local label="$1" port="$2" ban="$3"; shift 4
   local json="$out/${label//[^A-Za-z0-9.]/_}.json"
-  "$@" > "$json.log" 2>&1 &
-  local pid=$!
-  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  start_server "$port" "$json.log" "$@"
   echo "== $label" >&2
   fastllm bench "http://127.0.0.1:$port/v1" --label "$label" --concurrency "$levels" --requests 1 --max-tokens 128 \
     --ban-tokens "$ban" --json "$json" >&2
-  kill -TERM "$pid"; wait "$pid" || true
+  stop_server
   merged+=(--merge "$json")
 }
 

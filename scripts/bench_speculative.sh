@@ -10,23 +10,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
 source scripts/setup.sh all
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
+models="$bench_models"
 threads="${THREADS:-$(nproc)}"
 repeat="${REPEAT:-3}"
 out=.cache/bench-speculative
 mkdir -p "$out"
-models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
 llama_bin="$(scripts/peers/llama_server.sh build)"
 
-# shellcheck disable=SC1091
-source scripts/wait_ready.sh
 bench() {  # LABEL PORT JSON -- SERVER COMMAND...
   local label="$1" port="$2" json="$3"; shift 4
-  "$@" > "$json.log" 2>&1 &
-  local pid=$!
-  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  start_server "$port" "$json.log" "$@"
   python scripts/bench_speculative.py "http://127.0.0.1:$port/v1" --label "$label" --repeat "$repeat" \
     --json "$json" >&2
-  kill -TERM "$pid"; wait "$pid" || true
+  stop_server
 }
 
 merged=()

@@ -23,7 +23,9 @@ gguf="$(scripts/fetch_smollm2.sh)"
 minilm="$(scripts/fetch_minilm.sh)"
 
 # Exports are cached per version of the export code (as the tests' exports are).
-models=".cache/bench-models/$(cat fastllm/export/*.py fastllm/manifest.py | sha256sum | cut -c1-12)"
+# shellcheck disable=SC1091
+source scripts/wait_ready.sh
+models="$bench_models"
 export_once() {
   local name="$1"; shift
   [ -f "$models/$name/fastllm.json" ] || fastllm export "$@" -o "$models/$name" --force --no-validate >&2
@@ -41,19 +43,15 @@ hf_python=.cache/peers/hf/bin/python
 source scripts/peers/venv.sh llamacpp "llama-cpp-python[server]==0.3.36"
 llama_python="$peer_python"
 
-# shellcheck disable=SC1091
-source scripts/wait_ready.sh
 bench_server() {  # LABEL PORT ARGS... -- then the server command after "--"
   local label="$1" port="$2"; shift 2
   local args=(); while [ "$1" != "--" ]; do args+=("$1"); shift; done; shift
   [ -f "$out/server-$label.json" ] && return 0
-  "$@" > "$out/server-$label.log" 2>&1 &
-  local pid=$!
-  wait_ready "http://127.0.0.1:$port/v1/models" "$pid"
+  start_server "$port" "$out/server-$label.log" "$@"
   echo "== $label" >&2
   fastllm bench "http://127.0.0.1:$port/v1" --label "$label" --repeat "$repeat" "${args[@]}" \
     --json "$out/server-$label.json" >&2
-  kill -TERM "$pid"; wait "$pid" || true
+  stop_server
 }
 # llama.cpp's Python server ignores ignore_eos: banning SmolLM2's end tokens (<|endoftext|>, <|im_end|>)
 # by logit_bias makes every server answer max_tokens tokens.
