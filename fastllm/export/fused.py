@@ -45,8 +45,18 @@ def supported(model_type: str, dtype: str, quantization: str) -> bool:
     return model_type in FUSED_ARCHITECTURES and (dtype, quantization) in _PRECISION
 
 
-def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization: str) -> None:
-    """Write ``model.onnx`` (+ ``model.onnx.data``) into ``staging`` with the GenAI builder."""
+def save_checkpoint(model: Any, tokenizer: Any, staging: Path) -> Path:
+    """The transformers folder the builder reads: GGUF sources and in-memory fixes (the tokenizer) go through
+    one. The caller can then let go of ``model`` while the builder runs: the builder loads the checkpoint again,
+    and two fp32 copies of the model (ours and the builder's) set the export's peak memory."""
+    checkpoint = staging / ".checkpoint"
+    model.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    return checkpoint
+
+
+def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quantization: str) -> None:
+    """Write ``model.onnx`` (+ ``model.onnx.data``) into ``staging`` with the GenAI builder, from ``checkpoint``."""
     try:
         from onnxruntime_genai.models.builder import create_model
     except ImportError as exc:
@@ -55,12 +65,8 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
     if target is None:
         raise ExportError(f"--graph fused supports fp32, fp16 and int4, not dtype={dtype} quantize={quantization}")
     precision, provider = target
-    checkpoint = staging / ".checkpoint"
     built = staging / ".fused"
     try:
-        # The builder reads a transformers folder; GGUF and in-memory fixes (tokenizer) go through one.
-        model.save_pretrained(checkpoint)
-        tokenizer.save_pretrained(checkpoint)
         options = {} if precision != "int4" else _INT4_OPTIONS if provider == "cpu" else _GPU_INT4_OPTIONS
         # The builder prints its progress and tqdm bars, and its quantizer and onnx_ir log a line per weight
         # (and warnings about the shared int4 embedding table that validation then checks): the CLI's stdout
@@ -69,7 +75,7 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
         logging.disable(logging.WARNING)
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                create_model(model.config.model_type, str(checkpoint), str(built), precision, provider,
+                create_model(model_type, str(checkpoint), str(built), precision, provider,
                              str(staging / ".builder-cache"), **options)
         finally:
             logging.disable(logging.NOTSET)
@@ -83,5 +89,5 @@ def build(model: Any, tokenizer: Any, staging: Path, *, dtype: str, quantization
     except (ValueError, KeyError, NotImplementedError, AssertionError) as exc:
         raise ExportError(f"the GenAI builder could not build a fused graph: {exc}") from None
     finally:
-        for folder in (checkpoint, built, staging / ".builder-cache"):
+        for folder in (built, staging / ".builder-cache"):
             shutil.rmtree(folder, ignore_errors=True)

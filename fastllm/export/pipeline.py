@@ -7,6 +7,8 @@ the very end, so an interrupted export never leaves a half model that `serve` co
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import inspect
 import logging
 import os
@@ -17,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
@@ -84,7 +87,14 @@ def export(options: ExportOptions) -> Path:
     try:
         log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
         if options.graph == "fused":
-            fused.build(model, tokenizer, staging, dtype=options.dtype, quantization=options.quantize)
+            saved = fused.save_checkpoint(model, tokenizer, staging)
+            config, generation_config = model.config, getattr(model, "generation_config", None)
+            del model  # the builder loads its own copy; ours is reloaded for validation once it is done
+            _release_memory()
+            fused.build(saved, config.model_type, staging, dtype=options.dtype, quantization=options.quantize)
+            _release_memory()
+            model = sources.load_saved(saved, task=checkpoint.task) if options.validate else \
+                SimpleNamespace(config=config, generation_config=generation_config)
         else:
             _to_onnx(model, checkpoint, staging)
         tokenizer.save_pretrained(staging)
@@ -115,6 +125,7 @@ def export(options: ExportOptions) -> Path:
             _validate(staging, manifest, checkpoint, model, tokenizer)
         else:
             log.warning("[5/5] validation skipped (--no-validate): nothing checked this graph against PyTorch")
+        shutil.rmtree(staging / ".checkpoint", ignore_errors=True)
         manifest.files = {
             p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()
         }
@@ -128,6 +139,15 @@ def export(options: ExportOptions) -> Path:
     log.info("exported %s to %s (%.1f MB) in %.1fs", manifest.name, output, size / 1e6,
              time.perf_counter() - started)
     return output
+
+
+def _release_memory() -> None:
+    """Hand freed memory back to the system between the export's stages. Each stage (loading, the builder,
+    validation) allocates gigabytes; glibc keeps much of what a stage freed in its heaps, so without this
+    the next stage adds its peak on top of the last one's."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _remove_abandoned_staging(output: Path) -> None:

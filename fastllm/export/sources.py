@@ -222,6 +222,17 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def load_saved(folder: Path, *, task: str) -> Any:
+    """The fp32 model again, from the transformers folder an export saved it to (fused.save_checkpoint)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    model_class = AutoModelForCausalLM if task == "text-generation" else AutoModel
+    model = model_class.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    return model
+
+
 def _gguf_tokenizer(path: Path, converted: Any) -> Any:
     """transformers' conversion of the GGUF vocabulary, or ours where it is wrong: SentencePiece BPE
     vocabularies without merges (Gemma's), which it reads as Unigram (see export.gguf_vocab)."""
