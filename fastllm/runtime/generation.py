@@ -3,9 +3,11 @@
 Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget
 (several prompts in one run where the graph allows; a prompt whose start is in the prefix cache computes
 only the rest, on the cached KV),
-(2) runs one decode step for every running sequence together, (3) samples each row through its logits
-processors (penalties, bias, and the grammar mask of a constrained row, so constrained and free rows share
-the batch), detokenizes and checks stops per sequence, and (4) drops finished or cancelled sequences
+(2) runs one decode step for every running sequence together, each row's next token followed by the tokens
+the drafter guessed for it, if any (speculative decoding: the multi-token step chunked prefill uses too),
+(3) samples each row through its logits processors (penalties, bias, and the grammar mask of a constrained row,
+so constrained and free rows share the batch), position by position while the drafts agree, detokenizes and
+checks stops per sequence, and (4) drops finished or cancelled sequences
 from the batch. Requests join and leave between steps, so a long generation never holds back a short
 one. ``session.run`` releases the GIL, so the event loop keeps serving while the model computes.
 """
@@ -397,7 +399,7 @@ class GenerationEngine:
 
     def _can_verify(self, name: str) -> bool:
         """Drafted tokens are verified on shared KV buffers (a row that rejects some just keeps a shorter
-        length) by a graph that returns logits for several positions (exports since the logits window)."""
+        length) by a graph that returns logits for several positions (exports that take num_logits_to_keep)."""
         if self.decoder.multi_position_logits and self._cache.shared:
             return True
         log.warning("speculative decoding is off for %s: it needs a fused graph exported by this version, on "
