@@ -41,7 +41,7 @@ class _SharedBinding:
 
     past: list[KV]  # the cache's list of buffers; a new list means they were reallocated or moved
     binding: ort.IOBinding
-    logits: np.ndarray  # [batch, positions, vocab], overwritten by every step
+    logits: np.ndarray  # [batch, 1, vocab], overwritten by every step (empty where ONNX Runtime allocates them)
 
 
 @dataclass
@@ -110,7 +110,7 @@ class Decoder:
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
         on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None and not fp32_cache
         self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
-        self._shared: dict[tuple[int, int], _SharedBinding] = {}  # by (rows, logits positions)
+        self._shared: dict[tuple[int, bool], _SharedBinding] = {}  # by (rows, one logits position per row)
 
     def release(self) -> None:
         """Let go of the kept bindings, and so of the cache buffers they hold, once no row is decoding."""
@@ -184,29 +184,39 @@ class Decoder:
         on a GPU; the device buffers are then the cache, handed back as the present.
         """
         rows, new = feeds["input_ids"].shape
-        positions = min(new, int(feeds[LOGITS_TO_KEEP][0])) if self.keeps_logits else \
-            new if self.multi_position_logits else 1
-        key = (rows, positions)  # the logits' shape
+        # One binding for plain decode steps, whose logits go into a buffer bound once, and one for steps that
+        # verify drafts, whose logits (a shape per draft length) ONNX Runtime allocates: a buffer per length
+        # would pile up (33 positions of a 152k vocabulary are 20 MB).
+        single = new == 1 or (self.keeps_logits and int(feeds[LOGITS_TO_KEEP][0]) == 1)
+        key = (rows, single)
         shared = self._shared.get(key)
         if shared is None or shared.past is not past:
             if any(kept.past is not past for kept in self._shared.values()):
                 self._shared = {}  # bound to buffers the cache has since replaced
             binding = self.session.io_binding()
             device, device_id = self.binding_device or ("cpu", 0)
+            logits = np.empty((rows, 1, self.vocab_size) if single else (0,), dtype=self._logits_dtype)
+            # The logits first, so that get_outputs()[0] is them; an allocating binding is renewed every run below.
+            if single:
+                binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            else:
+                binding.bind_output("logits", "cpu")
             buffers = [value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(
                 value, device, device_id) for value in past]  # on the CPU an OrtValue over the array itself
             for past_name, present_name, buffer in zip(self.past_names, self.present_names, buffers, strict=True):
                 binding.bind_ortvalue_input(past_name, buffer)
                 binding.bind_ortvalue_output(present_name, buffer)
-            logits = np.empty((*key, self.vocab_size), dtype=self._logits_dtype)
-            binding.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
             on_device = self.binding_device is not None and not all(isinstance(v, ort.OrtValue) for v in past)
             kept = buffers if on_device else past
             shared = self._shared[key] = _SharedBinding(past=kept, binding=binding, logits=logits)
         for name, value in feeds.items():
             shared.binding.bind_cpu_input(name, value)
+        if not single:  # a binding keeps the last run's output, which would then have to fit this run's shape
+            shared.binding.bind_output("logits", "cpu")
         self.session.run_with_iobinding(shared.binding)
-        return shared.logits, shared.past
+        if single:
+            return shared.logits, shared.past
+        return shared.binding.get_outputs()[0].numpy(), shared.past
 
     def _bound(self, feeds: dict[str, np.ndarray], past: list[KV]) -> tuple[np.ndarray, list[KV]]:
         device, device_id = self.binding_device or ("cpu", 0)
