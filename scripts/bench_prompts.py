@@ -20,9 +20,9 @@ import json
 import random
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
+import bench_reports
 import httpx
 
 WORDS = [
@@ -167,26 +167,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url", nargs="?")
+    bench_reports.add_options(parser)
     parser.add_argument("--model")
-    parser.add_argument("--label", default="server")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--arrival-tokens", type=int, default=2048)
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--merge", type=Path, action="append", default=[])
-    parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    reports = [json.loads(path.read_text()) for path in args.merge]
-    if args.url:
-        reports.append(asyncio.run(run(args)))
-        if args.json:
-            args.json.write_text(json.dumps(reports[-1], indent=2))
-    table = markdown(reports)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table + "\n")
+    bench_reports.finish(args, lambda: asyncio.run(run(args)), markdown)
 
 
 if __name__ == "__main__":

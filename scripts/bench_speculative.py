@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
+import bench_reports
 import httpx
 
 FUNCTION = '''def load_inventory(path, warehouse=None, include_archived=False):
@@ -113,30 +113,18 @@ def markdown(results: list[dict[str, Any]]) -> str:
         same = "—" if base is result else ", ".join(
             f"{n}: {'same' if result['rows'][n]['text'] == base['rows'][n]['text'] else 'differs'}" for n in PROMPTS)
         lines.append(f"| {result['label']} | " + " | ".join(cells) + f" | {same} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url", nargs="?")
-    parser.add_argument("--label", default="server")
+    bench_reports.add_options(parser)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--extra", default="{}", help="JSON merged into every request body")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--merge", type=Path, action="append", default=[])
-    parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
-    results = [json.loads(p.read_text()) for p in args.merge]
-    if args.url:
-        result = measure(args.url.rstrip("/"), args.label, args.repeat, args.max_tokens, json.loads(args.extra))
-        results.append(result)
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
-    if args.markdown:
-        args.markdown.write_text(markdown(results))
-    elif results and not args.url:
-        print(markdown(results))
+    bench_reports.finish(args, lambda: measure(args.url.rstrip("/"), args.label, args.repeat, args.max_tokens,
+                                               json.loads(args.extra)), markdown)
 
 
 if __name__ == "__main__":
