@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
@@ -86,20 +85,18 @@ def export(options: ExportOptions) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
+        manifest = _manifest(options, checkpoint, model, tokenizer)
         if options.graph == "fused":
             saved = fused.save_checkpoint(model, tokenizer, staging)
-            config, generation_config = model.config, getattr(model, "generation_config", None)
-            del model  # the builder loads its own copy; ours is reloaded for validation once it is done
+            del model  # the builder loads its own copy; ours is loaded again for validation once it is done
             _release_memory()
-            fused.build(saved, config.model_type, staging, dtype=options.dtype, quantization=options.quantize)
+            fused.build(saved, manifest.model_type, staging, dtype=options.dtype, quantization=options.quantize)
             _release_memory()
-            model = sources.load_saved(saved, task=checkpoint.task) if options.validate else \
-                SimpleNamespace(config=config, generation_config=generation_config)
+            model = sources.load_model(saved, task=checkpoint.task) if options.validate else None
         else:
             _to_onnx(model, checkpoint, staging)
         tokenizer.save_pretrained(staging)
         _drop_redundant_tokenizer_files(staging)
-        manifest = _manifest(options, checkpoint, model, tokenizer)
         manifest.has_position_ids = "position_ids" in _graph_inputs(staging / manifest.onnx_file)
         manifest.graph = "fused" if options.graph == "fused" else "optimum"
         if options.graph == "fused":

@@ -199,22 +199,20 @@ def _sentence_transformers_max_length(folder: Path) -> int | None:
 
 def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     """Load the fp32 PyTorch model and its tokenizer (fixed up from GGUF metadata where needed)."""
-    import torch
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model_class = AutoModelForCausalLM if checkpoint.task == "text-generation" else AutoModel
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if checkpoint.gguf_file:
+    gguf = checkpoint.folder / checkpoint.gguf_file if checkpoint.gguf_file else None
+    if gguf:
         kwargs["gguf_file"] = checkpoint.gguf_file
     try:
-        model = model_class.from_pretrained(checkpoint.folder, dtype=torch.float32, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint.folder, **kwargs)
+        model = load_model(checkpoint.folder, task=checkpoint.task, **kwargs)
+        tokenizer = (gguf and _sentencepiece_bpe_tokenizer(gguf)) or AutoTokenizer.from_pretrained(
+            checkpoint.folder, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
         raise CorruptModelError(f"cannot load {checkpoint.source}: {exc}") from None
-    model.eval()
-    if checkpoint.gguf_file:
-        tokenizer = _gguf_tokenizer(checkpoint.folder / checkpoint.gguf_file, tokenizer)
-        _apply_gguf_tokenizer_metadata(checkpoint.folder / checkpoint.gguf_file, model, tokenizer)
+    if gguf:
+        _apply_gguf_tokenizer_metadata(gguf, model, tokenizer)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if checkpoint.max_seq_length and not 0 < tokenizer.model_max_length <= checkpoint.max_seq_length:
@@ -222,31 +220,34 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_saved(folder: Path, *, task: str) -> Any:
-    """The fp32 model again, from the transformers folder an export saved it to (fused.save_checkpoint)."""
+def load_model(folder: Path, *, task: str, **kwargs: Any) -> Any:
+    """The fp32 PyTorch model of a source folder, or of the transformers folder an export saved it to
+    (fused.save_checkpoint) to load it again after the builder ran."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
     model_class = AutoModelForCausalLM if task == "text-generation" else AutoModel
-    model = model_class.from_pretrained(folder, dtype=torch.float32)
+    model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs)
     model.eval()
     return model
 
 
-def _gguf_tokenizer(path: Path, converted: Any) -> Any:
-    """transformers' conversion of the GGUF vocabulary, or ours where it is wrong: SentencePiece BPE
-    vocabularies without merges (Gemma's), which it reads as Unigram (see export.gguf_vocab)."""
+def _sentencepiece_bpe_tokenizer(path: Path) -> Any:
+    """Our tokenizer for GGUF vocabularies that transformers converts wrongly, else None: SentencePiece BPE
+    without merges (Gemma's), which it reads as Unigram (see export.gguf_vocab). Decided before transformers'
+    conversion runs, which alone takes 20 s for Gemma's 262k pieces."""
     meta = read_gguf_metadata(path)
     if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.merges" in meta or \
             not str(meta["general.architecture"]).startswith("gemma"):
-        return converted
+        return None
     from transformers import PreTrainedTokenizerFast
 
     from fastllm.export.gguf_vocab import sentencepiece_bpe
 
     log.info("tokenizer rebuilt as SentencePiece BPE from the GGUF's pieces and scores")
-    return PreTrainedTokenizerFast(tokenizer_object=sentencepiece_bpe(meta), unk_token=converted.unk_token,
-                                   chat_template=getattr(converted, "chat_template", None))
+    unknown = meta.get("tokenizer.ggml.unknown_token_id")
+    return PreTrainedTokenizerFast(tokenizer_object=sentencepiece_bpe(meta),
+                                   unk_token=None if unknown is None else meta["tokenizer.ggml.tokens"][unknown])
 
 
 def _apply_gguf_tokenizer_metadata(path: Path, model: Any, tokenizer: Any) -> None:
