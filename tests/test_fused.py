@@ -17,7 +17,7 @@ from fastllm.manifest import read_manifest
 from fastllm.runtime.generation import GenerationEngine, GenerationRequest
 from fastllm.runtime.kv_cache import to_host
 from fastllm.runtime.models import ServedModel, load_model
-from fastllm.runtime.sampling import SamplingParams
+from fastllm.runtime.sampling import SamplingParams, TokenLogprob
 
 QUESTIONS = ["What is 2+2?", "Name a planet.", "Why is the sky blue?", "Say hi in French.",
              "What is the capital of Spain?", "List three animals.", "What is ice?", "Describe a cat."]
@@ -109,20 +109,61 @@ def test_right_padded_batches_give_each_request_its_solo_answer(smollm2_fused: P
         model.close()
 
 
+# Where a batched int4 answer may part from its solo answer: only where the solo run's two best tokens lie this
+# close (in log-probability), and, up to there, each token's log-probability within LOGPROB_TOLERANCE of solo.
+NEAR_TIE = 0.5
+LOGPROB_TOLERANCE = 0.1
+
+
+def _traces(model: ServedModel, together: bool) -> list[list[TokenLogprob]]:
+    """Each question's greedy tokens with their log-probabilities and runner-up."""
+    engine = model.generator
+    assert engine is not None and model.chat_template is not None
+    params = SamplingParams(temperature=0.0, logprobs=True, top_logprobs=2)
+    requests = [GenerationRequest(model.tokenizer.encode(model.chat_template.render([{"role": "user", "content": q}]),
+                                                         add_special_tokens=False), params, max_tokens=16 + 3 * i)
+                for i, q in enumerate(QUESTIONS)]
+
+    async def one(request: GenerationRequest) -> list[TokenLogprob]:
+        return [lp async for deltas in engine.generate(request) for d in deltas for lp in d.logprobs]
+
+    async def run() -> list[list[TokenLogprob]]:
+        if together:
+            return list(await asyncio.gather(*(one(r) for r in requests)))
+        return [await one(r) for r in requests]
+
+    return asyncio.run(run())
+
+
+def _parting(solo: list[TokenLogprob], batched: list[TokenLogprob]) -> str | None:
+    """Why `batched` is not `solo` to rounding, or None: identical token by token, or equal up to a near-tie."""
+    for step, (alone, together) in enumerate(zip(solo, batched, strict=False)):
+        if alone.token_id != together.token_id:
+            margin = alone.top[0][1] - alone.top[1][1]
+            return None if margin < NEAR_TIE else f"token {step} differs where solo's margin was {margin:.3f}"
+        if abs(alone.logprob - together.logprob) > LOGPROB_TOLERANCE:
+            return f"token {step}: logprob {together.logprob:.4f} batched, {alone.logprob:.4f} alone"
+    return None if len(solo) == len(batched) else f"{len(batched)} tokens batched, {len(solo)} alone"
+
+
 @pytest.mark.parametrize("export", ["smollm2_fused_int4", "qwen_coder_int4"])
 def test_int4_batches_give_each_request_its_solo_answer(export: str, request: pytest.FixtureRequest) -> None:
-    """Greedy decoding is batch-invariant at int4 too: MatMulNBits' int8-compute kernel and GroupQueryAttention
-    compute each row of a decode step as they would alone (ONNX Runtime 1.32; earlier versions took another
-    kernel path at batch 1 and answers parted at near-ties). Multi-token steps round differently from
-    single-token ones, which is why speculative decoding's int4 answers may differ (docs/speculative-decoding.md)."""
+    """A row of an int4 batch computes what it computes alone, to rounding. How close that rounding is depends on
+    the CPU's kernels: on this project's AMD EPYC machines, ONNX Runtime 1.32's MatMulNBits (int8 compute) and
+    GroupQueryAttention give bit-identical decode steps at batch 1 and 16, but MLAS picks kernels by CPU and by
+    rows, so elsewhere a batched answer may part from its solo answer at a near-tie, and only there. A batching
+    bug (a row reading another's KV, a wrong pad) parts at the first token, far from any tie. Multi-token steps
+    round differently from single-token ones: see docs/speculative-decoding.md."""
     model = _load(request.getfixturevalue(export))
     try:
-        solo = _answers(model, together=False)
-        together = _answers(model, together=True)
+        solo = _traces(model, together=False)
+        together = _traces(model, together=True)
     finally:
         model.close()
-    assert together == solo
-    assert all(together) and len(set(together)) == len(together)
+    assert all(solo) and len({tuple(lp.token_id for lp in t) for t in solo}) == len(solo)
+    partings = {QUESTIONS[i]: why for i, (a, b) in enumerate(zip(solo, together, strict=True))
+                if (why := _parting(a, b))}
+    assert not partings
 
 
 def test_fused_graph_refuses_what_the_builder_cannot_do(minilm_dir: Path, tmp_path: Path) -> None:
