@@ -147,10 +147,13 @@ def serve(**kwargs: Any) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Run the model repo's own Python code.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option("--max-memory", type=float, metavar="GB",
+              help="Refuse, before loading any weights, an export estimated to need more memory than this "
+                   "(default: the memory available now).")
 @_friendly_errors
 def export(source: str, output: Path | None, models_dir: Path, revision: str | None, task: str, dtype: str,
            quantize: str, graph: str, name: str | None, trust_remote_code: bool, force: bool,
-           no_validate: bool) -> None:
+           no_validate: bool, max_memory: float | None) -> None:
     """Export SOURCE (a hub id, a local HF folder or a .gguf file) to ONNX with a KV cache.
 
     The result goes to models/<name>/ with tokenizer, configs and a fastllm.json manifest. The hub
@@ -172,7 +175,7 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
     folder = run_export(ExportOptions(
         source=source, output=output, models_dir=models_dir, revision=revision, token=os.environ.get("HF_TOKEN"),
         task=task, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code, force=force,
-        validate=not no_validate, graph=graph, name=name,
+        validate=not no_validate, graph=graph, name=name, max_memory_gb=max_memory,
     ))
     click.echo(str(folder))
 

@@ -27,11 +27,13 @@ LOGITS_TO_KEEP = "num_logits_to_keep"
 
 
 class Quality(msgspec.Struct, kw_only=True):
-    """How far a quantized export drifts from its fp32 reference on a fixed text."""
+    """How far a quantized export drifts from its PyTorch reference on a fixed text."""
 
     top1_agreement: float
     perplexity: float
     reference_perplexity: float
+    # The reference's dtype: fp32, or fp16 where the export held the model at half precision (fused int4)
+    reference_dtype: str = "fp32"
 
 
 class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):

@@ -91,6 +91,19 @@ def test_fp16_with_quantize_is_refused_on_optimums_graph(tmp_path: Path, env: di
     assert_clean_failure(result, "needs the fused graph")
 
 
+def test_an_export_too_large_for_the_memory_fails_before_loading(tmp_path: Path, env: dict[str, str],
+                                                                 smollm2_gguf: Path) -> None:
+    """The estimate comes from the file's tensor headers (SmolLM2: 0.13B weights), before any weight loads."""
+    result = run_fastllm("export", smollm2_gguf, "--quantize", "int4", "--max-memory", "0.5", "--output",
+                         tmp_path / "o", env=env)
+    line = assert_clean_failure(result, "needs about", "0.13B weights held at fp16", "0.5 GB is --max-memory")
+    assert "[2/5] loading" not in result.stderr, line
+    result = run_fastllm("export", smollm2_gguf, "--graph", "optimum", "--max-memory", "1", "--output",
+                         tmp_path / "o", env=env)
+    assert_clean_failure(result, "held at fp32", "1.0 GB is --max-memory")
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_export_extra_names_the_install_command(tmp_path: Path, env: dict[str, str]) -> None:
     result = run_fastllm("export", tiny_models.build("llama"), "--output", tmp_path / "o", env=env,
                          prelude="sys.modules['optimum'] = None")

@@ -38,6 +38,7 @@ def test_fused_graph_uses_group_query_attention_and_no_position_ids(smollm2_fuse
 def test_fused_int4_is_matmulnbits_with_a_quality_figure(smollm2_fused_int4: Path) -> None:
     manifest = read_manifest(smollm2_fused_int4)
     assert manifest.quantization == "int4" and manifest.quality is not None
+    assert manifest.quality.reference_dtype == "fp16"  # the export held the model at fp16 (working_dtype)
     assert manifest.quality.top1_agreement > 0.6
     ops = _ops(smollm2_fused_int4)
     assert ops["MatMulNBits"] > 0
@@ -164,6 +165,44 @@ def test_int4_batches_give_each_request_its_solo_answer(export: str, request: py
     partings = {QUESTIONS[i]: why for i, (a, b) in enumerate(zip(solo, together, strict=True))
                 if (why := _parting(a, b))}
     assert not partings
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("llama", "fp32"), ("qwen2", "fp32"), ("gemma3", "fp16")])
+def test_weight_by_weight_int4_is_the_builders_own_quantization(name: str, dtype: str, tmp_path: Path) -> None:
+    """fused_int4 quantizes in place what the builder's to_int4 quantizes on a protobuf copy of the whole
+    graph: the same initializers, bit for bit, and the same nodes (fp32 for CPUs, fp16 for GPUs)."""
+    import json
+
+    import tiny_models
+    from onnx import numpy_helper
+
+    from fastllm.export import fused, fused_int4
+
+    checkpoint = Path(tiny_models.build(name))
+    model_type = json.loads((checkpoint / "config.json").read_text())["model_type"]
+    graphs = {}
+    for ours in (True, False):
+        folder = tmp_path / ("ours" if ours else "builder")
+        folder.mkdir()
+        supported = fused_int4.supported
+        if not ours:
+            fused_int4.supported = lambda builder: False  # the builder's own to_int4
+        try:
+            fused.build(checkpoint, model_type, folder, dtype=dtype, quantization="int4")
+        finally:
+            fused_int4.supported = supported
+        graphs[ours] = onnx.load(folder / "model.onnx")
+
+    def initializers(model: onnx.ModelProto) -> dict[str, bytes]:
+        return {i.name: numpy_helper.to_array(i).tobytes() + str(i.data_type).encode() for i in model.graph.initializer}
+
+    def nodes(model: onnx.ModelProto) -> list[str]:
+        return sorted(str((n.op_type, n.name, list(n.input), list(n.output), sorted(
+            (a.name, str(onnx.helper.get_attribute_value(a))) for a in n.attribute))) for n in model.graph.node)
+
+    assert initializers(graphs[True]) == initializers(graphs[False])
+    assert nodes(graphs[True]) == nodes(graphs[False])
+    assert sum(n.op_type == "MatMulNBits" for n in graphs[True].graph.node) > 0
 
 
 def test_fused_graph_refuses_what_the_builder_cannot_do(minilm_dir: Path, tmp_path: Path) -> None:

@@ -15,10 +15,12 @@ import io
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError
+from fastllm.export.fused_int4 import weight_by_weight
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,28 @@ def save_checkpoint(model: Any, tokenizer: Any, staging: Path) -> Path:
     return checkpoint
 
 
+@contextlib.contextmanager
+def _loads_at_saved_dtype() -> Iterator[None]:
+    """The builder loads the checkpoint without a dtype, so transformers makes it fp32 whatever was saved:
+    a half-precision checkpoint (see `pipeline.working_dtype`) would double in memory. It reads each weight
+    and casts it to the graph's dtype itself, so loading at the saved dtype changes nothing else."""
+    import sys
+
+    base = sys.modules["builders.base"]
+    original = base.AutoModelForCausalLM
+
+    class AtSavedDtype:
+        @staticmethod
+        def from_pretrained(*args: Any, **kwargs: Any) -> Any:
+            return original.from_pretrained(*args, **{"dtype": "auto", **kwargs})
+
+    base.AutoModelForCausalLM = AtSavedDtype
+    try:
+        yield
+    finally:
+        base.AutoModelForCausalLM = original
+
+
 def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quantization: str) -> None:
     """Write ``model.onnx`` (+ ``model.onnx.data``) into ``staging`` with the GenAI builder, from ``checkpoint``."""
     try:
@@ -74,7 +98,8 @@ def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quant
         chatter = io.StringIO()
         logging.disable(logging.WARNING)
         try:
-            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), weight_by_weight(), \
+                    _loads_at_saved_dtype():
                 create_model(model_type, str(checkpoint), str(built), precision, provider,
                              str(staging / ".builder-cache"), **options)
         finally:

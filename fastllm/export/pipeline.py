@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
-from fastllm.export import fused, sources
+from fastllm.export import fused, memory, sources
 from fastllm.manifest import Manifest, sha256_file, token_id_list, write_manifest
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class ExportOptions:
     # auto | optimum | fused (ONNX Runtime GenAI's builder, see export/fused.py); auto = fused where it can be
     graph: str = "auto"
     name: str | None = None  # the served model id; default: the hub id, or the file/folder name
+    max_memory_gb: float | None = None  # refuse exports estimated above this; default: what is available
 
 
 def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
@@ -76,8 +77,11 @@ def export(options: ExportOptions) -> Path:
             f"not {checkpoint.model_type} with dtype={options.dtype} quantize={options.quantize}"
         )
 
-    log.info("[2/5] loading %s (%s, %s)", checkpoint.name, checkpoint.model_type, checkpoint.task)
-    model, tokenizer = sources.load(checkpoint, trust_remote_code=options.trust_remote_code)
+    working = working_dtype(options)
+    memory.check_fits(memory.parameter_count(checkpoint.folder, checkpoint.gguf_file, checkpoint.config), working,
+                      options.max_memory_gb)
+    log.info("[2/5] loading %s (%s, %s) at %s", checkpoint.name, checkpoint.model_type, checkpoint.task, working)
+    model, tokenizer = sources.load(checkpoint, trust_remote_code=options.trust_remote_code, dtype=working)
 
     output.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(output)
@@ -92,7 +96,7 @@ def export(options: ExportOptions) -> Path:
             _release_memory()
             fused.build(saved, manifest.model_type, staging, dtype=options.dtype, quantization=options.quantize)
             _release_memory()
-            model = sources.load_model(saved, task=checkpoint.task) if options.validate else None
+            model = sources.load_model(saved, task=checkpoint.task, dtype=working) if options.validate else None
         else:
             _to_onnx(model, checkpoint, staging)
         tokenizer.save_pretrained(staging)
@@ -133,9 +137,20 @@ def export(options: ExportOptions) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     size = sum(p.stat().st_size for p in output.iterdir() if p.is_file())
-    log.info("exported %s to %s (%.1f MB) in %.1fs", manifest.name, output, size / 1e6,
-             time.perf_counter() - started)
+    log.info("exported %s to %s (%.1f MB) in %.1fs, peak memory %.2f GB", manifest.name, output, size / 1e6,
+             time.perf_counter() - started, memory.peak_rss() / 1e9)
     return output
+
+
+def working_dtype(options: ExportOptions) -> str:
+    """The precision the PyTorch model is held at while exporting. fp32 wherever a graph is traced from it
+    or must reproduce it exactly; fp16 for the fused graph at int4 or fp16, whose builder casts each weight
+    itself: the model's copies (loading, the builder's, the validation reference) then take half the memory,
+    which is what lets a 7B model export to int4 on a 32 GB machine. The int4 rounding of an fp16 weight
+    equals that of its fp32 original but at rare ties; the quality figures are then measured against the
+    fp16 reference, and say so (`quality.reference_dtype`)."""
+    fused_half = options.graph == "fused" and (options.quantize == "int4" or options.dtype == "fp16")
+    return "fp16" if fused_half else "fp32"
 
 
 def _release_memory() -> None:

@@ -7,13 +7,17 @@ no pad token). The GGUF's own metadata is the truth, so we re-apply it after loa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fastllm import hub
 from fastllm.errors import CorruptModelError, SourceNotFoundError, UnsupportedModelError
@@ -197,8 +201,9 @@ def _sentence_transformers_max_length(folder: Path) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
-    """Load the fp32 PyTorch model and its tokenizer (fixed up from GGUF metadata where needed)."""
+def load(checkpoint: Checkpoint, *, trust_remote_code: bool, dtype: str = "fp32") -> tuple[Any, Any]:
+    """Load the PyTorch model (fp32, or fp16 where the export only needs half precision: see
+    `pipeline.working_dtype`) and its tokenizer (fixed up from GGUF metadata where needed)."""
     from transformers import AutoTokenizer
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -206,7 +211,7 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     if gguf:
         kwargs["gguf_file"] = checkpoint.gguf_file
     try:
-        model = load_model(checkpoint.folder, task=checkpoint.task, **kwargs)
+        model = load_model(checkpoint.folder, task=checkpoint.task, dtype=dtype, **kwargs)
         tokenizer = (gguf and _sentencepiece_bpe_tokenizer(gguf)) or AutoTokenizer.from_pretrained(
             checkpoint.folder, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
@@ -220,16 +225,34 @@ def load(checkpoint: Checkpoint, *, trust_remote_code: bool) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def load_model(folder: Path, *, task: str, **kwargs: Any) -> Any:
-    """The fp32 PyTorch model of a source folder, or of the transformers folder an export saved it to
+def load_model(folder: Path, *, task: str, dtype: str = "fp32", **kwargs: Any) -> Any:
+    """The PyTorch model of a source folder, or of the transformers folder an export saved it to
     (fused.save_checkpoint) to load it again after the builder ran."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     model_class = AutoModelForCausalLM if task == "text-generation" else AutoModel
-    model = model_class.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    with _dequantized_as(np.float16 if dtype == "fp16" else None):
+        model = model_class.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _dequantized_as(dtype: Any) -> Iterator[None]:
+    """transformers dequantizes every GGUF tensor to fp32 and holds them all before it builds the model: for a
+    half-precision model that state dict alone is twice the model. Casting each tensor as it is dequantized
+    keeps it at the model's size."""
+    import gguf
+
+    original = gguf.dequantize
+    if dtype is not None:
+        gguf.dequantize = lambda data, qtype: original(data, qtype).astype(dtype, copy=False)
+    try:
+        yield
+    finally:
+        gguf.dequantize = original
 
 
 def _sentencepiece_bpe_tokenizer(path: Path) -> Any:

@@ -81,8 +81,10 @@ def measure_quality(folder: Path, manifest: Manifest, model: Any, tokenizer: Any
     so it runs before the export keeps only the last position's."""
     decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
     manifest.quality = _quality(decoder, model, tokenizer)
-    log.info("quality vs PyTorch fp32: top-1 agreement %.3f, perplexity %.3f (fp32 %.3f)",
-             manifest.quality.top1_agreement, manifest.quality.perplexity, manifest.quality.reference_perplexity)
+    reference = manifest.quality.reference_dtype
+    log.info("quality vs PyTorch %s: top-1 agreement %.3f, perplexity %.3f (%s %.3f)", reference,
+             manifest.quality.top1_agreement, manifest.quality.perplexity, reference,
+             manifest.quality.reference_perplexity)
 
 
 def _quality(decoder: Decoder, model: Any, tokenizer: Any) -> Quality:
@@ -96,7 +98,8 @@ def _quality(decoder: Decoder, model: Any, tokenizer: Any) -> Quality:
                            all_logits=True).logits[0]
     agreement = float(np.mean(ours[:-1].argmax(-1) == reference[:-1].argmax(-1)))
     return Quality(top1_agreement=round(agreement, 4), perplexity=round(_perplexity(ours, ids), 4),
-                   reference_perplexity=round(_perplexity(reference, ids), 4))
+                   reference_perplexity=round(_perplexity(reference, ids), 4),
+                   reference_dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype, "fp32"))
 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:

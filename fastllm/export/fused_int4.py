@@ -1,0 +1,134 @@
+"""int4 for the fused graph, one weight at a time.
+
+The GenAI builder quantizes at the very end: it serializes the whole fp32 graph into one ``ModelProto``
+(``ir.to_proto``), hands that to ONNX Runtime's ``MatMulNBitsQuantizer`` and parses the result back. While
+that runs, the builder's PyTorch model, the fp32 protobuf and the quantizer's float64 temporaries are all
+alive: 3.4× the model's fp32 size at the peak (22 GB for a 1.5B model). Here the same quantization — RTN,
+symmetric, blocks along K, ONNX Runtime's own formulas, the same initializer and node names the builder's
+shared-embedding ``GatherBlockQuantized`` refers to — runs on the builder's in-memory graph weight by weight,
+in slices of output channels, so only the quantized weights and one fp32 slice exist besides the PyTorch
+model. The graph that comes out is the one ``to_int4`` would have made, bit for bit (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+# Output channels quantized per slice: the float64 temporaries of a slice stay near 50 MB for K = 8960.
+_SLICE_ROWS = 1024
+
+
+def supported(builder: Any) -> bool:
+    """True where this reproduces the builder's own quantizer: RTN, symmetric, 4 bits, QOperator format."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import RTNWeightOnlyQuantConfig
+
+    attrs = builder.quant_attrs
+    int4 = attrs["int4"]
+    config = int4["algo_config"]
+    return (isinstance(config, RTNWeightOnlyQuantConfig) and not config.customized_weight_config
+            and bool(int4["is_symmetric"]) and not attrs["use_qdq"] and builder.quant_type is None)
+
+
+def quantize_weights(builder: Any) -> Any:
+    """``builder.to_int4()``, in place on ``builder.model`` (an ``onnx_ir`` model); returns it."""
+    import onnx_ir as ir
+
+    int4 = builder.quant_attrs["int4"]
+    block = int(int4["qdq_block_size"])
+    accuracy = int(int4["accuracy_level"])
+    excluded = set(int4["nodes_to_exclude"])
+    graph = builder.model.graph
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.name in excluded:
+            continue
+        weight = node.inputs[1]
+        if weight is None or not weight.is_initializer() or weight.const_value is None or \
+                len(weight.const_value.shape) != 2:
+            continue
+        packed, scales = _quantize(weight.const_value.numpy(), block)
+        k, n = weight.const_value.shape
+        q_value = _initializer(builder, graph, f"{weight.name}_Q4G{block}", ir.tensor(packed))
+        s_value = _initializer(builder, graph, f"{weight.name}_scale", ir.tensor(scales.astype(
+            weight.const_value.dtype.numpy())))
+        attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", 4),
+                      ir.AttrInt64("block_size", block)]
+        if accuracy > 0:
+            attributes.append(ir.AttrInt64("accuracy_level", accuracy))
+        output = node.outputs[0]
+        replacement = ir.Node("com.microsoft", "MatMulNBits", [node.inputs[0], q_value, s_value], attributes,
+                              name=f"{node.name}_Q4")
+        result = replacement.outputs[0]
+        result.dtype, result.shape = output.dtype, output.shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [replacement], [output], [result])
+        result.name = output.name
+        if not weight.uses():
+            # The builder's registry of values keeps the old one, and its lazy tensor keeps the fp32 copy it
+            # cast on reading: without letting go of both, every weight would end up held in fp32.
+            graph.initializers.pop(weight.name, None)
+            builder.values.pop(weight.name, None)
+            weight.const_value = None
+    if builder.model.opset_imports.get("com.microsoft") is None:
+        builder.model.opset_imports["com.microsoft"] = 1
+    return builder.model
+
+
+def _initializer(builder: Any, graph: Any, name: str, tensor: Any) -> Any:
+    """The graph's value ``name``, holding ``tensor``: the builder may already have made it as a dangling value
+    (its shared embedding gathers from the lm_head's quantized weight before that weight exists)."""
+    import onnx_ir as ir
+
+    value = builder.values.get(name) or ir.Value(name=name)
+    value.const_value = tensor
+    value.dtype, value.shape = tensor.dtype, ir.Shape(tensor.shape)
+    tensor.name = name
+    graph.register_initializer(value)
+    return value
+
+
+def _quantize(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """RTN symmetric int4 of a (K, N) MatMul weight in MatMulNBits' layout: packed uint8 (N, K/block, block/2)
+    and scales (N, K/block). The arithmetic is ONNX Runtime's ``quant_tensor`` (float64 scales, zero point 8),
+    done over slices of output channels."""
+    k, n = weight.shape
+    blocks = (k + block - 1) // block
+    packed = np.empty((n, blocks, block // 2), dtype=np.uint8)
+    scales = np.empty((n, blocks), dtype=np.float64)
+    for start in range(0, n, _SLICE_ROWS):
+        stop = min(n, start + _SLICE_ROWS)
+        rows = np.zeros((stop - start, blocks * block), dtype=np.float32)
+        rows[:, :k] = weight[:, start:stop].T
+        groups = rows.reshape(-1, block)
+        peak = np.maximum(np.abs(groups.min(axis=1, keepdims=True)), np.abs(groups.max(axis=1, keepdims=True)))
+        scale = np.ones(peak.shape)
+        mask = peak > 0
+        scale[mask] = (peak[mask] * 2.0).astype(np.float64) / 15
+        q = np.clip(np.round(groups / scale + 8), 0, 15).astype(np.uint8)
+        pairs = q[:, ::2] | q[:, 1::2] << 4
+        packed[start:stop] = pairs.reshape(stop - start, blocks, block // 2)
+        scales[start:stop] = scale.reshape(stop - start, blocks)
+    return packed, scales
+
+
+@contextlib.contextmanager
+def weight_by_weight() -> Iterator[None]:
+    """While the builder runs, its ``to_int4`` quantizes in place where that reproduces its own quantizer."""
+    import onnxruntime_genai.models.builder  # noqa: F401  (puts the builder's folder on sys.path, imports it)
+
+    # The builder imports its classes as the top-level package `builders`, a second copy beside
+    # `onnxruntime_genai.models.builders`: the one its models derive from is that one.
+    base = sys.modules["builders.base"]
+    original = base.Model.to_int4
+
+    def to_int4(builder: Any) -> Any:
+        return quantize_weights(builder) if supported(builder) else original(builder)
+
+    base.Model.to_int4 = to_int4  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        base.Model.to_int4 = original  # type: ignore[method-assign]
