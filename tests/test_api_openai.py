@@ -193,3 +193,40 @@ def test_concurrent_greedy_requests_match_their_solo_answers(client: openai.Open
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         together = list(pool.map(ask, questions))
     assert together == solo
+
+
+# The end of Qwen3's own chat template: `enable_thinking=False` pre-fills an empty thought.
+QWEN3_TAIL = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_the_template_as_vllm_passes_them(tmp_path: Path) -> None:
+    """Qwen3's thinking switch: `extra_body={"chat_template_kwargs": {"enable_thinking": False}}`, as with vLLM.
+    The variables the server sets itself (messages, tools, special tokens) cannot be replaced."""
+    import shutil
+
+    from conftest import tiny_export
+    from serving import run_server
+
+    folder = shutil.copytree(tiny_export("qwen3", graph="fused"), tmp_path / "qwen3")
+    (folder / "chat_template.jinja").write_text(QWEN3_TAIL)
+    with run_server(["--model", str(folder), "--served-model-name", "qwen3"], log_dir=tmp_path) as running:
+        client = openai.OpenAI(base_url=f"{running.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def prompt_tokens(**extra: object) -> int:
+            reply = client.chat.completions.create(model="qwen3", messages=FRANCE, max_tokens=1, **extra)
+            assert reply.usage is not None
+            return reply.usage.prompt_tokens
+
+        thinking = prompt_tokens()
+        assert prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": True}}) == thinking
+        assert prompt_tokens(extra_body={"chat_template_kwargs": {"enable_thinking": False}}) > thinking
+        with pytest.raises(openai.BadRequestError) as refused:
+            prompt_tokens(extra_body={"chat_template_kwargs": {"messages": []}})
+        assert refused.value.status_code == 400
+        assert refused.value.body["param"] == "chat_template_kwargs"
+        assert "cannot set messages" in refused.value.body["message"]

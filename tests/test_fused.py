@@ -210,8 +210,8 @@ def test_fused_graph_refuses_what_the_builder_cannot_do(minilm_dir: Path, tmp_pa
         export(ExportOptions(source=str(minilm_dir), output=tmp_path / "x", graph="fused"))
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma3", "qwen3", "granite",
-                                  "smollm3"])
+@pytest.mark.parametrize("name", ["llama", "llama3", "mistral", "qwen2", "phi3", "phi4-mini", "gemma", "gemma3",
+                                  "qwen3", "granite", "smollm3"])
 def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> None:
     from conftest import tiny_export
 

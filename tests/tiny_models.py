@@ -112,6 +112,15 @@ def _llama(tokenizer: Any) -> Any:
     return LlamaConfig(**_common(tokenizer), tie_word_embeddings=True)
 
 
+def _llama3(tokenizer: Any) -> Any:
+    from transformers import LlamaConfig
+
+    # Llama 3.2 (1B, 3B): "llama3" RoPE scaling, which rescales the rotary frequencies band by band.
+    return LlamaConfig(**_common(tokenizer), tie_word_embeddings=True, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})
+
+
 def _mistral(tokenizer: Any) -> Any:
     from transformers import MistralConfig
 
@@ -129,6 +138,15 @@ def _phi3(tokenizer: Any) -> Any:
 
     # Phi3Config defaults pad_token_id to 32000, outside a small vocabulary: _common overrides it.
     return Phi3Config(**_common(tokenizer), original_max_position_embeddings=256)
+
+
+def _phi4_mini(tokenizer: Any) -> Any:
+    from transformers import Phi3Config
+
+    # Phi-4-mini: rotary embedding on three quarters of each head, the vocabulary table tied to the lm_head.
+    # Heads of 64 (GroupQueryAttention wants the rotary half-width, here 24, a multiple of 8; Phi-4-mini's is 48).
+    return Phi3Config(**{**_common(tokenizer), "hidden_size": 256},
+                      original_max_position_embeddings=256, partial_rotary_factor=0.75, tie_word_embeddings=True)
 
 
 def _phi3_longrope(tokenizer: Any) -> Any:
@@ -179,10 +197,12 @@ def _smollm3(tokenizer: Any) -> Any:
 # name -> (config factory, whether the tokenizer adds a BOS, expected model_type, architecture class)
 CAUSAL: dict[str, tuple[Callable[[Any], Any], bool, str, str]] = {
     "llama": (_llama, True, "llama", "LlamaForCausalLM"),
+    "llama3": (_llama3, True, "llama", "LlamaForCausalLM"),
     "mistral": (_mistral, False, "mistral", "MistralForCausalLM"),
     "qwen2": (_qwen2, False, "qwen2", "Qwen2ForCausalLM"),
     "phi3": (_phi3, False, "phi3", "Phi3ForCausalLM"),
     "phi3-longrope": (_phi3_longrope, False, "phi3", "Phi3ForCausalLM"),
+    "phi4-mini": (_phi4_mini, False, "phi3", "Phi3ForCausalLM"),
     "gemma": (_gemma, True, "gemma", "GemmaForCausalLM"),
     "gemma3": (_gemma3, True, "gemma3_text", "Gemma3ForCausalLM"),
     "qwen3": (_qwen3, False, "qwen3", "Qwen3ForCausalLM"),

@@ -54,7 +54,20 @@ def save_checkpoint(model: Any, tokenizer: Any, staging: Path) -> Path:
     checkpoint = staging / ".checkpoint"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
+    _expose_original_context(checkpoint / "config.json")
     return checkpoint
+
+
+def _expose_original_context(config_file: Path) -> None:
+    """Llama 3.1+ keep the pre-scaling context inside ``rope_scaling``; the builder (0.12) looks for it as an
+    attribute of that dict, never finds it, and rescales the rotary frequencies by the scaled context instead:
+    a graph that silently drifts from the model (export validation caught it on a tiny Llama 3.2). Copying it
+    to the top level, where the builder looks first and transformers keeps unknown keys, gives it the right one."""
+    config = json.loads(config_file.read_text())
+    original = (config.get("rope_scaling") or {}).get("original_max_position_embeddings")
+    if original and "original_max_position_embeddings" not in config:
+        config["original_max_position_embeddings"] = original
+        config_file.write_text(json.dumps(config, indent=2))
 
 
 @contextlib.contextmanager

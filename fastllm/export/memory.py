@@ -103,7 +103,14 @@ def check_fits(parameters: int | None, working_dtype: str, limit_gb: float | Non
 
 
 def peak_rss() -> float:
-    """This process's peak resident memory so far, in bytes (what `/usr/bin/time -v` reports)."""
+    """This process's peak resident memory so far, in bytes: what `/usr/bin/time -v` reports. Linux's VmHWM,
+    not ``ru_maxrss``, which a child inherits from the process that forked it (a CLI run from a large
+    parent would report the parent's peak)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(peak if sys.platform == "darwin" else peak * 1024)
-

@@ -178,7 +178,8 @@ async def chat_request(model: ServedModel, body: ChatCompletionRequest,
             tools = [{"type": "function", "function": tool} for tool in calls.tools]
         else:
             messages = _with_tool_prompt(messages, calls.tools)
-    prompt = model.chat_template.render(messages, add_generation_prompt=True, tools=tools)
+    prompt = model.chat_template.render(messages, add_generation_prompt=True, tools=tools,
+                                         variables=body.chat_template_kwargs)
     ids = model.tokenizer.encode(prompt, add_special_tokens=False)
     request = build(model, body, ids, max_n=max_n, logprobs=body.logprobs, top_logprobs=body.top_logprobs or 0,
                     max_tokens=body.max_completion_tokens or body.max_tokens)

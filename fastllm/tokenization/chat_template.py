@@ -65,12 +65,18 @@ class ChatTemplate:
         return cls(source or FALLBACK_TEMPLATE, bos_token=bos_token, eos_token=eos_token)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None) -> str:
+               tools: list[dict[str, Any]] | None = None, variables: dict[str, Any] | None = None) -> str:
         """``tools`` as transformers passes them: OpenAI's ``{"type": "function", "function": {...}}`` entries,
-        given to the template only when there are some (templates test ``tools is defined`` as well as truth)."""
+        given to the template only when there are some (templates test ``tools is defined`` as well as truth).
+        ``variables``: a request's ``chat_template_kwargs`` (Qwen3's ``enable_thinking``), as
+        ``apply_chat_template(**kwargs)`` passes them; they cannot replace what the server sets itself."""
         from jinja2 import TemplateError as JinjaError
 
-        extra = {"tools": tools} if tools else {}
+        reserved = sorted(set(variables or {}) & {"messages", "add_generation_prompt", "tools", *self._special})
+        if reserved:
+            raise InvalidRequestError(f"chat_template_kwargs cannot set {', '.join(reserved)}",
+                                      param="chat_template_kwargs")
+        extra = {**(variables or {}), **({"tools": tools} if tools else {})}
         try:
             return self._template.render(
                 messages=messages, add_generation_prompt=add_generation_prompt, **self._special, **extra
