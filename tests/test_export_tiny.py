@@ -293,6 +293,22 @@ def test_validation_rejects_a_graph_that_differs_from_pytorch() -> None:
         check_greedy(folder, read_manifest(folder), model, tokenizer)
 
 
+def test_a_gguf_named_by_a_hash_is_named_by_its_metadata(tmp_path: Path, smollm2_gguf: Path) -> None:
+    """Ollama keeps GGUFs as sha256-<hex> blobs: such a file is named by its `general.name`; a published file
+    keeps its own name, without the quantization suffix."""
+    from fastllm.export.sources import resolve
+
+    blob = tmp_path / f"sha256-{'0a' * 32}"
+    blob.symlink_to(smollm2_gguf)
+    (tmp_path / "renamed.gguf").symlink_to(blob)
+    (tmp_path / "model.gguf").symlink_to(smollm2_gguf)
+    named = {path: resolve(str(tmp_path / path), revision=None, token=None, task="auto").name
+             for path in (blob.name, "renamed.gguf", "model.gguf")}
+    assert named == {blob.name: "Smollm2-135M-8k-Lc100K-Mix1-Ep2", "renamed.gguf": "renamed",
+                     "model.gguf": "Smollm2-135M-8k-Lc100K-Mix1-Ep2"}
+    assert resolve(str(smollm2_gguf), revision=None, token=None, task="auto").name == "SmolLM2-135M-Instruct"
+
+
 def test_default_output_folder_names() -> None:
     checkpoint = Checkpoint(source="org/Model-1B", name="org/Model-1B", folder=Path("."))
     assert default_output(ExportOptions(source="x"), checkpoint) == Path("models/Model-1B")

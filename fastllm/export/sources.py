@@ -68,12 +68,12 @@ class Checkpoint:
 
 def resolve(source: str, *, revision: str | None, token: str | None, task: str) -> Checkpoint:
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix == ".gguf" or _is_gguf(path):
         if not path.is_file():
             raise SourceNotFoundError(f"GGUF file not found: {path}")
         checkpoint = Checkpoint(
             source=str(path.resolve()),
-            name=_QUANT_SUFFIX.sub("", path.stem),
+            name=_gguf_name(path),
             folder=path.parent,
             gguf_file=path.name,
             config=_gguf_config(path),
@@ -98,6 +98,32 @@ def resolve(source: str, *, revision: str | None, token: str | None, task: str) 
         )
     _classify(checkpoint, task)
     return checkpoint
+
+
+def _is_gguf(path: Path) -> bool:
+    """A GGUF file without the suffix, by its magic: Ollama stores models as blobs named sha256-<hex>."""
+    try:
+        with path.open("rb") as file:
+            return path.is_file() and file.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+# File names that say nothing of the model: Ollama's blobs (sha256-<hex>), bare hashes, converters' defaults.
+_GENERIC_STEM = re.compile(r"(sha256[-_:]?)?[0-9a-f]{12,}|model|ggml-model(-\w+)?|unnamed|output", re.IGNORECASE)
+
+
+def _gguf_name(path: Path) -> str:
+    """The served name of a GGUF: its file name without the quantization suffix, as published GGUFs are named
+    (Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf); the file's own ``general.name`` only where the file name is a
+    hash or a default. ``general.name`` is not first because converters fill it carelessly: PyPI's Qwen2.5-Coder
+    files say "... Instruct AWQ" and "... Instruct GGUF", SmolLM2's "Smollm2 135M 8k Lc100K Mix1 Ep2"."""
+    stem = _QUANT_SUFFIX.sub("", path.stem)
+    if not _GENERIC_STEM.fullmatch(stem):
+        return stem
+    title = str(read_gguf_metadata(path).get("general.name") or "").strip()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", title).strip("-.")
+    return slug or stem
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
