@@ -93,6 +93,26 @@ def test_smollm2_fp32_answers_paris(smollm2_fp32: Path) -> None:
     assert "Paris" in answer, answer
 
 
+# --- Qwen2.5-Coder-0.5B-Instruct fp32 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_coder_fp32(qwen_coder_gguf: Path) -> Path:
+    from conftest import cached_export
+
+    return cached_export(qwen_coder_gguf, "qwen-coder-fused-fp32", graph="fused")
+
+
+def test_qwen_coder_fp32_fused_reproduces_pytorch_on_the_dequantized_weights(qwen_coder_fp32: Path) -> None:
+    """The export exists only because its validation found ONNX Runtime's greedy tokens equal to PyTorch's (on
+    the GGUF's dequantized weights, both validation prompts, 32 tokens each); the tool-call tests serve the int4
+    export of the same file."""
+    manifest = read_manifest(qwen_coder_fp32)
+    assert (manifest.graph, manifest.dtype, manifest.quantization) == ("fused", "fp32", "none")
+    assert (manifest.model_type, manifest.num_layers, manifest.vocab_size) == ("qwen2", 24, 151936)
+    assert "Paris" in _answer(qwen_coder_fp32, "What is the capital of France?")
+
+
 # --- the GGUF tokenizer, token by token -------------------------------------------------------------
 
 
