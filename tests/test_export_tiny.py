@@ -280,17 +280,18 @@ def test_validation_rejects_a_graph_that_differs_from_pytorch() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastllm.errors import ExportError
-    from fastllm.export.validate import check_greedy
+    from fastllm.export.validate import check_greedy, reference
 
     folder = tiny_export("llama")
+    manifest = read_manifest(folder)
     source = tiny_models.build("llama")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    check_greedy(folder, read_manifest(folder), model, tokenizer)  # the real pair passes
+    check_greedy(folder, manifest, reference(model, tokenizer, manifest, quality=False), tokenizer)  # the real pair
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(-1.5)
     with pytest.raises(ExportError, match="greedy tokens differ"):
-        check_greedy(folder, read_manifest(folder), model, tokenizer)
+        check_greedy(folder, manifest, reference(model, tokenizer, manifest, quality=False), tokenizer)
 
 
 def test_a_gguf_named_by_a_hash_is_named_by_its_metadata(tmp_path: Path, smollm2_gguf: Path) -> None:

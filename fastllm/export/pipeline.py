@@ -88,17 +88,25 @@ def export(options: ExportOptions) -> Path:
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
         manifest = _manifest(options, checkpoint, model, tokenizer)
+        generative = checkpoint.task == "text-generation"
+        quantized = options.quantize != "none" or options.dtype != "fp32"
+        expected = None
+        if options.validate and generative:
+            from fastllm.export import validate
+
+            # PyTorch answers first: the model can then go before ONNX Runtime loads the graph to validate it.
+            expected = validate.reference(model, tokenizer, manifest, quality=quantized)
+        log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
         if options.graph == "fused":
             saved = fused.save_checkpoint(model, tokenizer, staging)
-            del model  # the builder loads its own copy; ours is loaded again for validation once it is done
+            del model  # the builder loads its own copy
             _release_memory()
             fused.build(saved, manifest.model_type, staging, dtype=options.dtype, quantization=options.quantize)
-            _release_memory()
-            model = sources.load_model(saved, task=checkpoint.task, dtype=working) if options.validate else None
         else:
             _to_onnx(model, checkpoint, staging)
+            del model
+        _release_memory()
         tokenizer.save_pretrained(staging)
         _drop_redundant_tokenizer_files(staging)
         manifest.has_position_ids = "position_ids" in _graph_inputs(staging / manifest.onnx_file)
@@ -106,24 +114,28 @@ def export(options: ExportOptions) -> Path:
         if options.graph == "fused":
             log.info("[4/5] the builder wrote the graph at dtype=%s quantize=%s; no rewrite", options.dtype,
                      options.quantize)
-        elif options.quantize != "none" or options.dtype != "fp32":
+        elif quantized:
             log.info("[4/5] rewriting graph: dtype=%s quantize=%s", options.dtype, options.quantize)
             from fastllm.export.quantize import rewrite
 
             rewrite(staging / manifest.onnx_file, dtype=options.dtype, quantization=options.quantize)
         else:
             log.info("[4/5] keeping the fp32 graph as exported (no --dtype/--quantize rewrite)")
-        if checkpoint.task == "text-generation":
-            from fastllm.export import validate
+        if generative:
             from fastllm.export.quantize import keep_last_logits
 
-            if options.validate and (options.quantize != "none" or options.dtype != "fp32"):
-                validate.measure_quality(staging, manifest, model, tokenizer)
+            if expected is not None and quantized:
+                validate.measure_quality(staging, manifest, expected)
             keep_last_logits(staging / manifest.onnx_file, right_padded=manifest.graph == "fused")
             manifest.logits = "per-row" if manifest.graph == "fused" else "last-column"
         if options.validate:
             log.info("[5/5] validating against PyTorch")
-            _validate(staging, manifest, checkpoint, model, tokenizer)
+            if expected is not None:
+                validate.check_greedy(staging, manifest, expected, tokenizer)
+            else:
+                from fastllm.export.validate import validate_embedding
+
+                validate_embedding(staging, manifest, checkpoint.folder, tokenizer)
         else:
             log.warning("[5/5] validation skipped (--no-validate): nothing checked this graph against PyTorch")
         shutil.rmtree(staging / ".checkpoint", ignore_errors=True)
@@ -354,12 +366,3 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _validate(staging: Path, manifest: Manifest, checkpoint: sources.Checkpoint, model: Any, tokenizer: Any) -> None:
-    from fastllm.export import validate
-
-    if checkpoint.task == "text-generation":
-        validate.check_greedy(staging, manifest, model, tokenizer)
-    else:
-        validate.validate_embedding(staging, manifest, checkpoint.folder, tokenizer)

@@ -8,6 +8,7 @@ so users choose a quantization by evidence.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -50,56 +51,71 @@ def _prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     return list(tokenizer(messages[-1]["content"])["input_ids"])
 
 
-def check_greedy(folder: Path, manifest: Manifest, model: Any, tokenizer: Any) -> None:
-    """fp32 graphs must reproduce PyTorch's greedy tokens; every graph's answers are logged."""
+@dataclass
+class Reference:
+    """What PyTorch answers, computed once while the model is loaded, so that the export can let go of the
+    model before ONNX Runtime loads the graph (two copies of the model would set the export's peak memory)."""
+
+    dtype: str  # the PyTorch model's: fp32, or fp16 for exports that hold the model at fp16
+    greedy: list[tuple[str, list[int], list[int]]] = field(default_factory=list)  # question, prompt, tokens
+    quality_ids: list[int] = field(default_factory=list)
+    top1: np.ndarray | None = None  # PyTorch's argmax at each position of QUALITY_TEXT
+    perplexity: float = 0.0
+
+
+def reference(model: Any, tokenizer: Any, manifest: Manifest, *, quality: bool) -> Reference:
+    """PyTorch's greedy tokens for PROMPTS and, with ``quality``, its teacher-forced view of QUALITY_TEXT."""
     import torch
 
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype, "fp32")
+    found = Reference(dtype=dtype)
+    eos = list(manifest.eos_token_ids) or None
+    with torch.no_grad():
+        for messages in PROMPTS:
+            prompt = _prompt_ids(tokenizer, messages)
+            input_ids = torch.tensor([prompt])
+            generated = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                       max_new_tokens=GREEDY_TOKENS, do_sample=False, eos_token_id=eos,
+                                       pad_token_id=manifest.pad_token_id)
+            found.greedy.append((messages[-1]["content"], prompt, generated[0, len(prompt):].tolist()))
+        if quality:
+            ids = tokenizer(QUALITY_TEXT, add_special_tokens=False)["input_ids"]
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
+            found.quality_ids, found.top1 = ids, logits.argmax(-1)
+            found.perplexity = _perplexity(logits, ids)
+    return found
+
+
+def check_greedy(folder: Path, manifest: Manifest, expected: Reference, tokenizer: Any) -> None:
+    """fp32 graphs must reproduce PyTorch's greedy tokens; every graph's answers are logged."""
     decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
     eos = set(manifest.eos_token_ids)
     exact = manifest.dtype == "fp32" and manifest.quantization == "none"
-    for messages in PROMPTS:
-        prompt = _prompt_ids(tokenizer, messages)
-        input_ids = torch.tensor([prompt])
-        with torch.no_grad():
-            generated = model.generate(
-                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=GREEDY_TOKENS,
-                do_sample=False, eos_token_id=list(eos) or None, pad_token_id=manifest.pad_token_id,
-            )
-        reference = generated[0, len(prompt):].tolist()
+    for question, prompt, pytorch in expected.greedy:
         ours = greedy_onnx(decoder, prompt, GREEDY_TOKENS, eos)
-        answer = tokenizer.decode(ours, skip_special_tokens=True)
-        log.info("validate: %r -> %r", messages[-1]["content"], answer)
-        if exact and ours != reference:
+        log.info("validate: %r -> %r", question, tokenizer.decode(ours, skip_special_tokens=True))
+        if exact and ours != pytorch:
             raise ExportError(
                 "validation failed: ONNX Runtime's greedy tokens differ from PyTorch's for "
-                f"{messages[-1]['content']!r}:\n  onnx:    {ours}\n  pytorch: {reference}"
+                f"{question!r}:\n  onnx:    {ours}\n  pytorch: {pytorch}"
             )
 
 
-def measure_quality(folder: Path, manifest: Manifest, model: Any, tokenizer: Any) -> None:
+def measure_quality(folder: Path, manifest: Manifest, expected: Reference) -> None:
     """Teacher-forced agreement and perplexity against PyTorch; needs the graph's logits at every position,
     so it runs before the export keeps only the last position's."""
+    assert expected.top1 is not None, "the reference was computed without quality=True"
     decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
-    manifest.quality = _quality(decoder, model, tokenizer)
-    reference = manifest.quality.reference_dtype
-    log.info("quality vs PyTorch %s: top-1 agreement %.3f, perplexity %.3f (%s %.3f)", reference,
-             manifest.quality.top1_agreement, manifest.quality.perplexity, reference,
-             manifest.quality.reference_perplexity)
-
-
-def _quality(decoder: Decoder, model: Any, tokenizer: Any) -> Quality:
-    import torch
-
-    ids = tokenizer(QUALITY_TEXT, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        reference = model(torch.tensor([ids])).logits[0].float().numpy()
+    ids = expected.quality_ids
     batch = np.asarray([ids], dtype=np.int64)
     ours = decoder.forward(batch, np.ones_like(batch), np.arange(len(ids))[None, :], decoder.empty_past(1),
                            all_logits=True).logits[0]
-    agreement = float(np.mean(ours[:-1].argmax(-1) == reference[:-1].argmax(-1)))
-    return Quality(top1_agreement=round(agreement, 4), perplexity=round(_perplexity(ours, ids), 4),
-                   reference_perplexity=round(_perplexity(reference, ids), 4),
-                   reference_dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.dtype, "fp32"))
+    agreement = float(np.mean(ours[:-1].argmax(-1) == expected.top1[:-1]))
+    manifest.quality = Quality(top1_agreement=round(agreement, 4), perplexity=round(_perplexity(ours, ids), 4),
+                               reference_perplexity=round(expected.perplexity, 4), reference_dtype=expected.dtype)
+    log.info("quality vs PyTorch %s: top-1 agreement %.3f, perplexity %.3f (%s %.3f)", expected.dtype,
+             manifest.quality.top1_agreement, manifest.quality.perplexity, expected.dtype,
+             manifest.quality.reference_perplexity)
 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:
