@@ -84,9 +84,14 @@ class ModelConfig(_Section):
     # Speculative decoding: "ngram" drafts the next tokens from the sequence's own earlier text (prompt lookup)
     # and verifies them in one step, which pays off where answers repeat their input (code edits, RAG, tool
     # loops); outputs keep their distribution. Needs a fused graph. Requests opt out with "speculative": false.
-    speculative: Literal["off", "ngram"] = "off"
-    # The most tokens drafted for one step (each sequence starts at 4 and doubles while all are accepted).
+    # "draft": a small model that shares this one's tokenizer drafts (`draft_model`), e.g. Qwen2.5-Coder-0.5B for
+    # the 1.5B; it guesses everywhere, at the cost of its own decode steps.
+    speculative: Literal["off", "ngram", "draft"] = "off"
+    # The most tokens drafted for one step (each sequence starts at 4; prompt lookup doubles while all are
+    # accepted, a draft model adds one, since each of its tokens costs a step).
     speculative_tokens: int = Field(default=32, ge=1, le=64)
+    # speculative = "draft": the draft model, named as model_id is (an export of the fused graph).
+    draft_model: str | None = None
 
 
 class RuntimeConfig(_Section):

@@ -11,6 +11,7 @@ resident set size".
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
@@ -27,10 +28,8 @@ STAGE = re.compile(r"\[(\d)/5\] ([^(:]+)")
 def _rss(process: psutil.Process) -> int:
     total = 0
     for proc in [process, *process.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += proc.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 

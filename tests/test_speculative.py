@@ -151,3 +151,94 @@ def test_the_server_reports_acceptance_and_honours_the_opt_out(smollm2_fused: Pa
                                              extra_body={"ignore_eos": True, "speculative": False})
         assert "".join(c.choices[0].text for c in streamed) == answer.choices[0].text
         assert counters() == (drafted, accepted)
+
+
+# --- a draft model (speculative = "draft") ------------------------------------------------------------------
+
+
+def _load_drafting(folder: Path, draft: Path, tokens: int = 32) -> ServedModel:
+    return load_model(ModelConfig(model_id=str(folder), speculative="draft", draft_model=str(draft),
+                                  speculative_tokens=tokens), RuntimeConfig(threads=1), folder.parent)
+
+
+def test_the_model_drafter_drafts_its_models_greedy_tokens_and_rolls_back_rejections(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drafts are the draft model's own greedy continuation, also after the served model rejected some of them:
+    its cache is cut back to the tokens kept, and what was sampled instead is fed on top."""
+    from itertools import islice
+
+    from conftest import tiny_export
+
+    from fastllm.manifest import read_manifest
+    from fastllm.runtime import draft_model
+    from fastllm.runtime.decoder import Decoder
+    from fastllm.runtime.draft_model import ModelDrafter
+    from fastllm.runtime.generation import greedy_tokens
+
+    monkeypatch.setattr(draft_model, "_CHUNK", 64)  # the tiny model's context is 256 tokens
+    folder = tiny_export("llama", graph="fused")
+    manifest = read_manifest(folder)
+    drafter = ModelDrafter(Decoder(folder, manifest, threads=1), 8, manifest.context_length)
+    reference = Decoder(folder, manifest, threads=1)
+
+    def greedy(history: list[int], count: int) -> list[int]:
+        return list(islice(greedy_tokens(reference, history), count))
+
+    history = [(7 * i) % 50 + 5 for i in range(150)]  # longer than a chunk: caught up on in three steps
+    drafts = drafter.draft(np.asarray(history, dtype=np.int64), 5)
+    assert drafts == greedy(history, 5)
+    history += [*drafts[:2], (drafts[2] + 1) % 50 + 5]  # two accepted, then another token sampled
+    assert drafter.draft(np.asarray(history, dtype=np.int64), 4) == greedy(history, 4)
+    history += drafter.draft(np.asarray(history, dtype=np.int64), 3)  # all accepted: only the last is new
+    history.append(11)
+    assert drafter.draft(np.asarray(history, dtype=np.int64), 3) == greedy(history, 3)
+    assert drafter.draft(np.asarray([9, 10, 11], dtype=np.int64), 2) == greedy([9, 10, 11], 2)  # a new sequence
+    assert [drafter.next_length(4, 4, 4), drafter.next_length(8, 8, 8), drafter.next_length(4, 4, 1)] == [5, 8, 2]
+    drafter.close()
+
+
+def test_a_draft_model_leaves_greedy_and_seeded_outputs_as_they_were() -> None:
+    """A tiny Qwen2 served with a tiny Llama drafting (the same tokenizer, another model): most drafts are
+    rejected, which exercises the rollback on every step, and the outputs stay plain decoding's."""
+    from conftest import tiny_export
+
+    target, draft = tiny_export("qwen2", graph="fused"), tiny_export("llama", graph="fused")
+    plain, drafting = _load(target, "off"), _load_drafting(target, draft)
+    try:
+        prompt = [(3 * i) % 40 + 5 for i in range(30)]
+        for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, seed=5)):
+            assert _generate(drafting, prompt, params, 48, ignore_eos=True) == \
+                _generate(plain, prompt, params, 48, ignore_eos=True)
+        assert drafting.generator.stats.drafted_tokens > 40
+    finally:
+        plain.close()
+        drafting.close()
+
+
+def test_a_model_drafting_for_itself_is_accepted_and_changes_nothing(
+        models: tuple[ServedModel, ServedModel], smollm2_fused: Path) -> None:
+    plain = models[0]
+    drafting = _load_drafting(smollm2_fused, smollm2_fused, tokens=8)
+    try:
+        prompt = plain.tokenizer.encode(plain.chat_template.render(
+            [{"role": "user", "content": "Tell me about Paris."}]), add_special_tokens=False)
+        greedy = SamplingParams(temperature=0.0)
+        expected = _generate(plain, prompt, greedy, 64, ignore_eos=True)
+        engine = drafting.generator
+        assert _generate(drafting, prompt, greedy, 64, ignore_eos=True) == expected
+        assert engine.stats.accepted_tokens >= 0.9 * engine.stats.drafted_tokens > 0
+        assert engine.stats.steps < 64 / 3
+    finally:
+        drafting.close()
+
+
+def test_a_draft_model_must_share_the_tokenizer_and_be_named(smollm2_fused: Path) -> None:
+    from conftest import tiny_export
+
+    from fastllm.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="does not share"):
+        _load_drafting(smollm2_fused, tiny_export("llama", graph="fused"))
+    with pytest.raises(ModelLoadError, match="needs draft_model"):
+        load_model(ModelConfig(model_id=str(smollm2_fused), speculative="draft"), RuntimeConfig(threads=1),
+                   smollm2_fused.parent)

@@ -33,7 +33,7 @@ from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache, to_host
 from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
-from fastllm.runtime.speculation import PromptLookupDrafter, TokenHistory
+from fastllm.runtime.speculation import Drafter, TokenHistory
 from fastllm.tokenization.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
                  prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256,
-                 kv_budget_bytes: int | None = None, drafter: PromptLookupDrafter | None = None) -> None:
+                 kv_budget_bytes: int | None = None, drafter: Drafter | None = None) -> None:
         self.decoder = decoder
         self.prefix_cache = prefix_cache
         self.tokenizer = tokenizer
@@ -202,6 +202,8 @@ class GenerationEngine:
             self._wake.notify()
         self._thread.join(timeout=10)
         self._grammar_pool.shutdown(wait=False)
+        if self.drafter is not None:
+            self.drafter.close()
 
     # ---- engine thread ---------------------------------------------------------------------
 

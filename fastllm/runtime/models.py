@@ -13,11 +13,12 @@ from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import FastLLMError, ModelLoadError
 from fastllm.manifest import Manifest, is_model_dir, read_manifest, token_id_list
 from fastllm.runtime.decoder import Decoder
+from fastllm.runtime.draft_model import ModelDrafter
 from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
 from fastllm.runtime.grammar import GrammarCompiler
 from fastllm.runtime.prefix_cache import PrefixCache
-from fastllm.runtime.speculation import PromptLookupDrafter
+from fastllm.runtime.speculation import Drafter, PromptLookupDrafter
 from fastllm.tokenization import ChatTemplate, Tokenizer
 from fastllm.tokenization.tool_calls import FALLBACK, ToolCallSyntax, detect_syntax
 
@@ -114,6 +115,26 @@ class ServedModel:
                 engine.close()
 
 
+def _drafter(config: ModelConfig, tokenizer: Tokenizer, models_dir: Path, options: dict[str, Any]) -> Drafter | None:
+    """The speculative-decoding drafter the model's config asks for, if any."""
+    if config.speculative == "ngram":
+        return PromptLookupDrafter(config.speculative_tokens)
+    if config.speculative != "draft":
+        return None
+    if not config.draft_model:
+        raise ModelLoadError(f'speculative = "draft" needs draft_model for {config.model_id}')
+    folder, manifest = resolve_model(config.draft_model, models_dir)
+    if not manifest.is_generative:
+        raise ModelLoadError(f"draft model {config.draft_model} is not a text-generation model")
+    if Tokenizer(folder).vocabulary() != tokenizer.vocabulary():
+        raise ModelLoadError(f"draft model {config.draft_model} does not share {config.model_id}'s tokenizer: "
+                             "its token ids would mean other text")
+    decoder = Decoder(folder, manifest, **options)
+    log.info("speculative decoding for %s drafts with %s (%s, %s)", config.model_id, manifest.name,
+             manifest.quantization, decoder.provider)
+    return ModelDrafter(decoder, config.speculative_tokens, manifest.context_length)
+
+
 def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) -> ServedModel:
     folder, manifest = resolve_model(config.model_id, models_dir, revision=config.revision)
     tokenizer = Tokenizer(folder, max_length=manifest.context_length)
@@ -129,7 +150,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             max_prefill_tokens=runtime.max_prefill_tokens, max_queue=runtime.max_queue, name=served_id,
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
-            drafter=PromptLookupDrafter(config.speculative_tokens) if config.speculative == "ngram" else None,
+            drafter=_drafter(config, tokenizer, models_dir, options),
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)

@@ -16,8 +16,26 @@ note in docs/speculative-decoding.md). llama.cpp's lookup decoding and vLLM's ``
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+
+class Drafter(Protocol):
+    """What the engine asks of a drafter: prompt lookup (below) or a draft model (runtime.draft_model)."""
+
+    first_length: int
+
+    def draft(self, history: np.ndarray, limit: int) -> list[int]:
+        """Up to ``limit`` tokens guessed to follow ``history`` (the sequence's prompt and output so far)."""
+        ...
+
+    def next_length(self, length: int, drafted: int, accepted: int) -> int:
+        """How many to draft next, after ``accepted`` of ``drafted`` were kept."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class TokenHistory:
@@ -61,6 +79,9 @@ class PromptLookupDrafter:
         if accepted == drafted:
             return min(2 * max(length, drafted), self.max_tokens)
         return max(1, accepted)
+
+    def close(self) -> None:
+        pass
 
     def draft(self, history: np.ndarray, limit: int) -> list[int]:
         """The tokens that followed the latest earlier occurrence of the history's tail, at most ``limit``."""

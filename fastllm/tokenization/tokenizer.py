@@ -39,6 +39,10 @@ class Tokenizer:
         """The text one token stands for on its own, as OpenAI's logprobs `token` field shows it."""
         return self._tok.decode([token_id], skip_special_tokens=False)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Every token's id, added tokens included: two models can share token ids only if this is equal."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
