@@ -53,12 +53,12 @@ class StepOutput:
 class Decoder:
     def __init__(self, folder: Path, manifest: Manifest, *, providers: Any = "auto",
                  provider_options: dict[str, dict[str, Any]] | None = None, threads: int = 0,
-                 io_binding: str = "auto") -> None:
+                 io_binding: str = "auto", spinning: bool = True) -> None:
         onnx_path = folder / manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"{onnx_path} is missing; re-run `fastllm export`")
         loaded = create_session(onnx_path, requested=providers, provider_options=provider_options,
-                                threads=threads)
+                                threads=threads, spinning=spinning)
         self.session = loaded.session
         self.provider = loaded.provider
         inputs = {i.name: i for i in self.session.get_inputs()}

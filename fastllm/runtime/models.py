@@ -129,7 +129,7 @@ def _drafter(config: ModelConfig, tokenizer: Tokenizer, models_dir: Path, option
     if Tokenizer(folder).vocabulary() != tokenizer.vocabulary():
         raise ModelLoadError(f"draft model {config.draft_model} does not share {config.model_id}'s tokenizer: "
                              "its token ids would mean other text")
-    decoder = Decoder(folder, manifest, **options)
+    decoder = Decoder(folder, manifest, spinning=False, **options)
     log.info("speculative decoding for %s drafts with %s (%s, %s)", config.model_id, manifest.name,
              manifest.quantization, decoder.provider)
     return ModelDrafter(decoder, config.speculative_tokens, manifest.context_length)
@@ -143,7 +143,9 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
                "threads": runtime.threads}
     created = int((folder / manifest.onnx_file).stat().st_mtime) if (folder / manifest.onnx_file).exists() else 0
     if manifest.is_generative:
-        decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, **options)
+        # A draft model's session and this one take turns on the same cores: neither may spin while idle.
+        decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, spinning=config.speculative != "draft",
+                          **options)
         prefix_cache = PrefixCache(runtime.prefix_cache_mb * 2**20) if runtime.prefix_cache_mb else None
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,

@@ -84,10 +84,15 @@ class LoadedSession:
     provider: str
 
 
-def session_options(threads: int) -> Any:
+def session_options(threads: int, *, spinning: bool = True) -> Any:
+    """``spinning``: whether idle intra-op threads spin waiting for work (ONNX Runtime's default, which saves
+    the wake-up between a step's many small operators). Two sessions that take turns on the same cores, a
+    draft model's and its target's, must not: each one's spinning threads take the cores the other runs on."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
@@ -134,6 +139,7 @@ def create_session(
     requested: str | Sequence[str] = "auto",
     provider_options: dict[str, dict[str, Any]] | None = None,
     threads: int = 0,
+    spinning: bool = True,
 ) -> LoadedSession:
     """Create an InferenceSession on the best provider that actually starts."""
     import onnxruntime as ort
@@ -148,7 +154,7 @@ def create_session(
         try:
             session = ort.InferenceSession(
                 str(model_path),
-                sess_options=session_options(threads),
+                sess_options=session_options(threads, spinning=spinning),
                 providers=[(p, _option_values(provider_options.get(p, {}))) for p in chain],
                 # ORT's own fallback prints to stdout and jumps straight to CPU; this loop logs instead.
                 enable_fallback=0,
