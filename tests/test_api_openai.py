@@ -157,6 +157,26 @@ def test_embeddings_every_input_form(client: openai.OpenAI) -> None:
     assert len(single.data) == 1
 
 
+def test_mixed_lengths_in_one_request_come_back_in_place_and_as_alone(client: openai.OpenAI) -> None:
+    """One request's inputs are sorted by length and run in several batches of like lengths (length_batches):
+    each vector still lands at its input's index, equal to that input embedded alone."""
+    texts = [" ".join(["river"] * n) + f" {i}" for i, n in enumerate([90, 2, 40, 3, 120, 1, 60, 5, 2, 80])]
+    together = client.embeddings.create(model=EMBED, input=texts).data
+    assert [d.index for d in together] == list(range(len(texts)))
+    for text, data in zip(texts, together, strict=True):
+        alone = client.embeddings.create(model=EMBED, input=text).data[0].embedding
+        assert np.allclose(data.embedding, alone, atol=1e-4)
+
+
+def test_length_batches_cut_where_padding_costs_more_than_a_run() -> None:
+    from fastllm.runtime.embedding import length_batches
+
+    assert length_batches([5, 5, 6, 6, 100, 100], 32) == [range(0, 4), range(4, 6)]
+    assert length_batches([10, 10, 11], 32) == [range(0, 3)]  # too little padding to pay for a second run
+    assert [len(b) for b in length_batches([10] * 40, 16)] == [8, 16, 16]  # never above max_rows
+    assert length_batches([], 8) == []
+
+
 def test_similar_sentences_embed_closer_than_unrelated(client: openai.OpenAI) -> None:
     data = client.embeddings.create(model=EMBED, input=["How do I bake bread?", "Bread baking instructions",
                                                         "The stock market fell today."]).data
