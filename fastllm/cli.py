@@ -139,6 +139,9 @@ def serve(**kwargs: Any) -> None:
               help="fp16 is for GPUs; on CPUs prefer --quantize int4.")
 @click.option("--quantize", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
               help="ONNX Runtime weight-only quantization (MatMulNBits).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Weights per quantization scale: 32 is the most faithful (as Q4_0); 128 decodes and prefills "
+                   "about a quarter faster on CPUs for a small loss in quality.")
 @click.option("--graph", type=click.Choice(["auto", "optimum", "fused"]), default="auto", show_default=True,
               help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/3, "
                    "Granite, SmolLM3 at fp32, fp16 or int4), about twice as fast to serve on CPUs; optimum: the "
@@ -152,7 +155,7 @@ def serve(**kwargs: Any) -> None:
                    "(default: the memory available now).")
 @_friendly_errors
 def export(source: str, output: Path | None, models_dir: Path, revision: str | None, task: str, dtype: str,
-           quantize: str, graph: str, name: str | None, trust_remote_code: bool, force: bool,
+           quantize: str, block_size: str, graph: str, name: str | None, trust_remote_code: bool, force: bool,
            no_validate: bool, max_memory: float | None) -> None:
     """Export SOURCE (a hub id, a local HF folder or a .gguf file) to ONNX with a KV cache.
 
@@ -174,8 +177,8 @@ def export(source: str, output: Path | None, models_dir: Path, revision: str | N
 
     folder = run_export(ExportOptions(
         source=source, output=output, models_dir=models_dir, revision=revision, token=os.environ.get("HF_TOKEN"),
-        task=task, dtype=dtype, quantize=quantize, trust_remote_code=trust_remote_code, force=force,
-        validate=not no_validate, graph=graph, name=name, max_memory_gb=max_memory,
+        task=task, dtype=dtype, quantize=quantize, block_size=int(block_size), trust_remote_code=trust_remote_code,
+        force=force, validate=not no_validate, graph=graph, name=name, max_memory_gb=max_memory,
     ))
     click.echo(str(folder))
 

@@ -48,6 +48,8 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     model_type: str
     dtype: str = "fp32"
     quantization: str = "none"
+    # int4/int8 weights: how many weights share one scale (MatMulNBits' block_size); 0 when not quantized
+    block_size: int = 0
     onnx_file: str = "model.onnx"
     # "optimum": optimum's general decoder graph (left-padded batches, position_ids input).
     # "fused": ONNX Runtime GenAI's builder graph (GroupQueryAttention, fused norms; right-padded batches).

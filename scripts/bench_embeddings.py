@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import time
+from pathlib import Path
 
 import httpx
 
 WORDS = ["river", "stone", "market", "lantern", "harbor", "winter", "garden", "engine", "letter", "mountain", "signal",
          "window", "copper", "meadow"]
+
+
+# (clients, inputs per request, requests per client)
+LEVELS = ((1, 1, 200), (1, 32, 20), (8, 32, 8))
 
 
 def pool(size: int = 512, seed: int = 0) -> list[str]:
@@ -42,17 +48,22 @@ async def level(url: str, model: str, inputs: list[str], clients: int, batch: in
     return sum(sent) / (time.perf_counter() - started)
 
 
-async def main(url: str, model: str) -> None:
+async def main(url: str, model: str, json_path: str | None) -> None:
     inputs = pool()
     await level(url, model, inputs, 1, 8, 2)  # warm-up
-    for clients, batch, requests in ((1, 1, 200), (1, 32, 20), (8, 32, 8)):
+    medians: dict[str, float] = {}
+    for clients, batch, requests in LEVELS:
         rates = sorted([await level(url, model, inputs, clients, batch, requests) for _ in range(3)])
         print(f"{clients} client(s) x batch {batch}: {rates[1]:.0f} inputs/s (rounds {[round(r) for r in rates]})")
+        medians[f"{clients}x{batch}"] = round(rates[1], 1)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"url": url, "model": model, "inputs_per_s": medians}))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("url")
     parser.add_argument("--model", default="all-MiniLM-L6-v2")
+    parser.add_argument("--json", help="write the medians here")
     args = parser.parse_args()
-    asyncio.run(main(args.url.rstrip("/"), args.model))
+    asyncio.run(main(args.url.rstrip("/"), args.model, args.json))

@@ -3,8 +3,9 @@
 # machine, written to docs/benchmarks-long-prompts.md (see scripts/bench_prompts.py for what is measured):
 #   scripts/bench_long_prompts.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B, ~30 min on 2 cores
 #   MODELS=smollm2 scripts/bench_long_prompts.sh  # one of them
-# FastLLM serves the fused int4 export; "before" is the same server with the prefix cache off and no chunked
-# prefill. llama-server (8 slots, built once by scripts/peers/llama_server.sh) serves the same GGUF
+# FastLLM serves the fused int4 export with its defaults (chunks sized by prefill_stall_ratio = 3); then with fixed
+# 256-token chunks (prefill_stall_ratio = 0, the arrival only); "before" is the same server with the prefix cache
+# off and no chunked prefill. llama-server (8 slots, built once by scripts/peers/llama_server.sh) serves the same GGUF
 # requantized to Q4_0, its fastest CPU format. Nothing else should run meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,12 +19,13 @@ out=.cache/bench-long
 mkdir -p "$out"
 llama_bin="$(scripts/peers/llama_server.sh build)"
 
-bench() {  # LABEL PORT JSON -- SERVER COMMAND...
-  local label="$1" port="$2" json="$3"; shift 4
+bench() {  # LABEL PORT JSON PARTS -- SERVER COMMAND...
+  local label="$1" port="$2" json="$3" parts="$4"; shift 5
   start_server "$port" "$json.log" "$@"
-  python scripts/bench_prompts.py "http://127.0.0.1:$port/v1" --label "$label" --json "$json" >&2
+  python scripts/bench_prompts.py "http://127.0.0.1:$port/v1" --label "$label" --json "$json" --parts "$parts" >&2
   stop_server
 }
+all=sizes,chat,arrival
 
 merged=()
 for name in ${MODELS:-smollm2 qwen-coder}; do
@@ -37,12 +39,15 @@ for name in ${MODELS:-smollm2 qwen-coder}; do
   [ -f "$q4_0" ] || "$llama_bin/llama-quantize" --allow-requantize "$gguf" "$q4_0" Q4_0 >&2
   serve=(fastllm serve --model "$models/$name-fused-int4" --port 8201 --threads "$threads" --max-batch-size 16
          --log-level warning)
-  bench "FastLLM $title int4" 8201 "$out/$name-fastllm.json" -- "${serve[@]}"
-  bench "FastLLM $title int4, no prefix cache or chunking" 8201 "$out/$name-fastllm-before.json" -- \
+  bench "FastLLM $title int4" 8201 "$out/$name-fastllm.json" "$all" -- "${serve[@]}"
+  bench "FastLLM $title int4, fixed chunks of 256 (prefill_stall_ratio 0)" 8201 "$out/$name-fastllm-fixed.json" \
+    arrival -- env FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
+  bench "FastLLM $title int4, no prefix cache or chunking" 8201 "$out/$name-fastllm-before.json" "$all" -- \
     env FASTLLM_RUNTIME__PREFIX_CACHE_MB=0 FASTLLM_RUNTIME__PREFILL_CHUNK_TOKENS=1000000 "${serve[@]}"
-  bench "llama-server $title Q4_0" 8202 "$out/$name-llama.json" -- \
+  bench "llama-server $title Q4_0" 8202 "$out/$name-llama.json" "$all" -- \
     scripts/peers/llama_server.sh 8202 "$threads" 8 "$q4_0"
-  merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-before.json" --merge "$out/$name-llama.json")
+  merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-fixed.json"
+           --merge "$out/$name-fastllm-before.json" --merge "$out/$name-llama.json")
 done
 {
   echo "# Long prompts and conversations"

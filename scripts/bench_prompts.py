@@ -122,6 +122,9 @@ async def arrival(url: str, model: str, streams: int, long_tokens: int) -> dict[
     gaps = [pair for mine in arrivals for pair in itertools.pairwise(mine)]
     before = [b - a for a, b in gaps if b < sent]
     during = [b - a for a, b in gaps if b > sent and a < read]
+    print(f"  arrival: gaps p50/p95 {_pct(before, 50) * 1000:.0f}/{_pct(before, 95) * 1000:.0f} ms before, "
+          f"{_pct(during, 50) * 1000:.0f}/{_pct(during, 95) * 1000:.0f} ms while {long_tokens} tokens are read in "
+          f"{long['ttft']:.2f} s", flush=True)
     return {"streams": streams, "long_prompt_tokens": long["usage"].get("prompt_tokens"),
             "long_ttft": long["ttft"], "itl_before_p50": _pct(before, 50), "itl_before_p95": _pct(before, 95),
             "itl_during_p50": _pct(during, 50), "itl_during_p95": _pct(during, 95),
@@ -133,21 +136,26 @@ def _pct(values: list[float], q: int) -> float:
 
 
 def markdown(reports: list[dict[str, Any]]) -> str:
-    lines = ["| server | prompt tokens | cold TTFT | warm TTFT (same system prompt, new question) |",
-             "|---|---|---|---|"]
+    lines = ["| server | prompt tokens | cold TTFT (ms per prompt token) | warm TTFT (same system prompt, new "
+             "question) |", "|---|---|---|---|"]
     for report in reports:
         for row in report["sizes"]:
+            per_token = row["cold_ttft"] * 1000 / row["prompt_tokens"] if row["prompt_tokens"] else 0.0
             lines.append(f"| {report['label']} | {row['prompt_tokens']} | {row['cold_ttft']:.2f} s "
-                         f"| {row['warm_ttft']:.2f} s |")
+                         f"({per_token:.2f}) | {row['warm_ttft']:.2f} s |")
     lines += ["", "| server | chat turn 1 TTFT (prompt tokens) | last turn's TTFT (prompt tokens) |", "|---|---|---|"]
     for report in reports:
         chat = report["chat"]
+        if not chat:
+            continue
         lines.append(f"| {report['label']} | {chat[0]['ttft']:.2f} s ({chat[0]['prompt_tokens']}) "
                      f"| turn {chat[-1]['turn']}: {chat[-1]['ttft']:.2f} s ({chat[-1]['prompt_tokens']}) |")
     lines += ["", "| server | running streams | gap p50 / p95 before | gap p50 / p95 / max while a "
               "long prompt is read | its TTFT |", "|---|---|---|---|---|"]
     for report in reports:
         a = report["arrival"]
+        if a is None:
+            continue
         lines.append(f"| {report['label']} | {a['streams']} | {a['itl_before_p50'] * 1000:.0f} / "
                      f"{a['itl_before_p95'] * 1000:.0f} ms | {a['itl_during_p50'] * 1000:.0f} / "
                      f"{a['itl_during_p95'] * 1000:.0f} / {a['itl_during_max'] * 1000:.0f} ms "
@@ -159,10 +167,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=30) as client:
         model = args.model or (await client.get(f"{args.url}/models")).json()["data"][0]["id"]
     print(f"{args.label}: {model} at {args.url}", flush=True)
+    parts = set(args.parts.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
-    return {"label": args.label, "model": model, "sizes": await prompt_sizes(args.url, model, sizes),
-            "chat": await conversation(args.url, model, args.turns),
-            "arrival": await arrival(args.url, model, args.streams, args.arrival_tokens)}
+    return {"label": args.label, "model": model,
+            "sizes": await prompt_sizes(args.url, model, sizes) if "sizes" in parts else [],
+            "chat": await conversation(args.url, model, args.turns) if "chat" in parts else [],
+            "arrival": await arrival(args.url, model, args.streams, args.arrival_tokens) if "arrival" in parts
+            else None}
 
 
 def main() -> None:
@@ -173,6 +184,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--arrival-tokens", type=int, default=2048)
+    parser.add_argument("--parts", default="sizes,chat,arrival", help="which measurements to run")
     args = parser.parse_args()
     bench_reports.finish(args, lambda: asyncio.run(run(args)), markdown)
 

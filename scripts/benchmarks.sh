@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # The whole comparison, one server at a time on this machine, written to docs/benchmarks.md (+ .png, .json):
-#   scripts/benchmarks.sh            # ~45 min on 2 cores the first time (peer installs, llama.cpp compile)
+#   scripts/benchmarks.sh            # ~2 h on 2 cores (peer installs and the llama.cpp build the first time)
 #   RESUME=1 scripts/benchmarks.sh   # keep the results already in .cache/bench, run only what is missing
+#   SKIP=llama_server,long_prompts,embeddings scripts/benchmarks.sh   # keep those parts' pages as they are
 #
-# Server level (`fastllm bench`, streamed chat, 1/2/4/8/16 clients): FastLLM fused fp32 and fused int4,
-# and llama.cpp's server (llama-cpp-python) on the same SmolLM2-135M Q4_1 GGUF. Engine level (single
-# stream, no HTTP): ours, ONNX Runtime GenAI, optimum's ORTModelForCausalLM, transformers' generate and
-# llama.cpp. Embeddings: FastLLM's server vs sentence-transformers on torch CPU. Every peer runs from its
-# own venv under .cache/peers/; none is a dependency of FastLLM. Nothing else should run meanwhile.
+# Server level (`fastllm bench`, streamed chat, 1/2/4/8/16 clients): FastLLM fused int4 against llama.cpp's
+# native llama-server (parallel slots; Q4_0 and the original file) on SmolLM2-135M and Qwen2.5-Coder-0.5B
+# (scripts/bench_llama_server.sh), FastLLM fused fp32, and llama-cpp-python's server (serial). Engine level
+# (single stream, no HTTP): ours, ONNX Runtime GenAI, optimum's ORTModelForCausalLM, transformers' generate and
+# llama.cpp. Embeddings: FastLLM's server vs sentence-transformers on torch CPU and, under load, Infinity
+# (scripts/bench_embeddings.sh). Long prompts and conversations against llama-server
+# (scripts/bench_long_prompts.sh). Every peer runs from its own venv under .cache/peers/; none is a dependency
+# of FastLLM. Nothing else should run meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -59,10 +63,8 @@ chat=(--concurrency "$levels" --requests 1 --max-tokens "$max_tokens" --ban-toke
 bench_server "FastLLM fused fp32" 8101 "${chat[@]}" -- \
   fastllm serve --model "$models/smollm2-fused-fp32" --port 8101 --threads "$threads" --max-batch-size 16 \
   --log-level warning
-bench_server "FastLLM fused int4" 8102 "${chat[@]}" -- \
-  fastllm serve --model "$models/smollm2-fused-int4" --port 8102 --threads "$threads" --max-batch-size 16 \
-  --log-level warning
-bench_server "llama.cpp server (Q4_1)" 8103 "${chat[@]}" -- scripts/peers/llamacpp_server.sh 8103 "$threads"
+bench_server "llama-cpp-python server (Q4_1, serial)" 8103 "${chat[@]}" -- \
+  scripts/peers/llamacpp_server.sh 8103 "$threads"
 bench_server "FastLLM MiniLM" 8104 --embeddings --concurrency 1,8,32 -- \
   fastllm serve --model "$models/minilm" --port 8104 --threads "$threads" --log-level warning
 
@@ -86,6 +88,12 @@ peer "$hf_python" sentence-transformers 1 "$minilm"
 echo "== structured outputs" >&2
 python scripts/bench_structured.py "$models/smollm2-fused-int4" "$models/qwen-coder-fused-int4" --threads "$threads" \
   --repeat "$repeat" --json "$out/structured.json" --markdown docs/benchmarks-structured.md >&2
+
+# The parts with pages of their own (FastLLM int4 against the native llama-server on SmolLM2 and Qwen2.5-Coder-0.5B,
+# long prompts, embeddings against Infinity); SKIP=llama_server,long_prompts,embeddings keeps a page already written.
+for part in llama_server long_prompts embeddings; do
+  case ",${SKIP:-}," in *",$part,"*) echo "== $part: skipped, its page is kept" >&2 ;; *) scripts/bench_$part.sh ;; esac
+done
 
 for py in python "$hf_python" "$llama_python"; do "$py" -m pip list --format json; done > "$out/versions.jsonl"
 python scripts/benchmarks_doc.py "$out" docs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fastllm.config import ModelConfig, RuntimeConfig
@@ -37,12 +38,15 @@ async def _collect(model: ServedModel, request: GenerationRequest, progress: lis
     return ids
 
 
-@pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
-def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str,
+@pytest.mark.parametrize(("export", "stall_ratio"), [("smollm2_fp32", 0.0), ("smollm2_fused_int4", 0.0),
+                                                     ("smollm2_fused_int4", 3.0)])
+def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str, stall_ratio: float,
                                                                     request: pytest.FixtureRequest) -> None:
+    """Fixed chunks of 64 tokens; or (stall ratio 3) chunks sized from the measured step and chunk times."""
     folder = request.getfixturevalue(export)
     whole = _load(folder, prefix_cache_mb=0)
-    chunked = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=64)
+    chunk = 64 if not stall_ratio else 256
+    chunked = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=chunk, prefill_stall_ratio=stall_ratio)
     try:
         text = "The history of the lighthouse keepers of the northern coast is long and full of storms. " * 30
         long_prompt = whole.tokenizer.encode(text, add_special_tokens=False)
@@ -67,8 +71,62 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str,
     assert got == expected  # chunks reproduce the whole prefill's answer
     assert running_ids == alone  # and the running stream's
     assert chunks >= len(long_prompt) // 64 - 1
+    # With a stall ratio, a chunk is what fits in about two of the running row's steps: far fewer tokens than
+    # prefill_chunk_tokens (256 here) whatever the machine's speed, as both times scale with it.
+    if stall_ratio:
+        assert chunks > len(long_prompt) // 256 + 2
     # A decode step of the running stream follows every chunk: it kept moving while the prompt was read.
     assert during - before >= chunks
+
+
+def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path) -> None:
+    """A prompt read in chunks into buffers sized for all of it (graphs that share KV buffers) ends with the
+    logits of one whole prefill, bit for bit, from any starting point (a cached prefix)."""
+    from fastllm.manifest import read_manifest
+    from fastllm.runtime.decoder import Decoder
+
+    decoder = Decoder(smollm2_fused_int4, read_manifest(smollm2_fused_int4), threads=1)
+    assert decoder.shares_kv
+    prompt = list(range(1000, 1300))
+    whole = decoder.prefill([prompt])
+    cached = decoder.prefill([prompt[:37]])
+    for start, past in ((0, None), (37, [p[:, :, :37] for p in cached.present])):
+        buffers = decoder.kv_buffers(len(prompt), past)
+        done = start
+        for size in (8, 29, 64, 16, 100, 1000):
+            end = min(len(prompt), done + size)
+            out = decoder.prefill_into(prompt[:end], done, buffers)
+            assert out.present is buffers  # written in place
+            done = end
+            if done == len(prompt):
+                break
+        np.testing.assert_array_equal(out.logits, whole.logits)
+        for ours, theirs in zip(buffers, whole.present, strict=True):
+            np.testing.assert_array_equal(ours[:, :, : len(prompt)], theirs[:, :, : len(prompt)])
+    decoder.release()
+
+
+def test_chunk_size_follows_the_stall_ratio(smollm2_fp32: Path) -> None:
+    """Sized from measurements: (ratio - 1) step times' worth of prompt tokens, within [8, prefill_chunk]."""
+    from fastllm.runtime.generation import MIN_CHUNK_TOKENS
+
+    model = _load(smollm2_fp32, prefix_cache_mb=0, prefill_chunk_tokens=256, prefill_stall_ratio=3.0)
+    try:
+        engine = model.generator
+        assert engine._chunk_tokens() == 256  # nothing decoding has been measured: no stream to protect
+        engine._step_seconds = 0.010
+        assert engine._chunk_tokens() == MIN_CHUNK_TOKENS  # no chunk measured yet: start small
+        engine._chunk_seconds_per_token = 0.001
+        assert engine._chunk_tokens() == 20  # 2 x 10 ms at 1 ms a token
+        engine._chunk_seconds_per_token = 0.01
+        assert engine._chunk_tokens() == MIN_CHUNK_TOKENS
+        engine._chunk_seconds_per_token = 0.00001
+        assert engine._chunk_tokens() == 256
+        engine.prefill_stall_ratio = 0.0
+        engine._chunk_seconds_per_token = 0.001
+        assert engine._chunk_tokens() == 256
+    finally:
+        model.close()
 
 
 def test_alone_a_long_prompt_is_prefilled_whole(smollm2_fp32: Path) -> None:

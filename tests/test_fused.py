@@ -384,3 +384,31 @@ def test_cuda_shared_cache_survives_rows_joining_leaving_and_growing(graph: str)
         assert [ids[:4] for ids in batched] == [ids[:4] for ids in alone]
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("graph", ["fused", "optimum"])
+def test_block_size_is_the_weights_per_scale(graph: str) -> None:
+    """--block-size reaches every MatMulNBits (and the fused graph's int4 embedding table) and the manifest;
+    the export still serves greedy tokens."""
+    from conftest import tiny_export
+
+    folder = tiny_export("llama", graph=graph, quantize="int4", block_size=64)
+    manifest = read_manifest(folder)
+    assert manifest.block_size == 64
+    nodes = [n for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node
+             if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    assert nodes and {a.i for n in nodes for a in n.attribute if a.name == "block_size"} == {64}
+    model = load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=1), folder.parent)
+    try:
+        assert len(asyncio.run(_greedy_ids(model.generator, [5, 6, 7], 4))) == 4
+    finally:
+        model.close()
+
+
+def test_a_block_size_that_does_not_divide_the_hidden_size_is_refused(tmp_path: Path) -> None:
+    import tiny_models
+
+    with pytest.raises(ExportError, match=r"--block-size 128 does not divide this model's hidden size \(64\); use 64 "
+                                          r"or 32"):
+        export(ExportOptions(source=str(tiny_models.build("llama")), output=tmp_path / "out", graph="fused",
+                             quantize="int4", block_size=128))

@@ -27,13 +27,13 @@ log = logging.getLogger(__name__)
 # Architectures the builder supports and we test; others keep optimum's graph.
 FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma3_text", "qwen3", "granite",
                                  "smollm3"})
-# int4: int8 compute (accuracy level 4), blocks of 32, and the embedding table quantized too and shared
-# with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
-_INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_block_size": "32", "int4_op_types_to_quantize": "MatMul/Gather",
+# int4: int8 compute (accuracy level 4), --block-size weights per scale, and the embedding table quantized too and
+# shared with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
+_INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_op_types_to_quantize": "MatMul/Gather",
                  "int4_algo_config": "rtn", "shared_embeddings": "true"}
 # int4 for GPUs (--dtype fp16 --quantize int4): fp16 activations, because CUDA's GroupQueryAttention has
 # no fp32 kernel (an fp32 graph would run its attention on the CPU, copying the cache every step).
-_GPU_INT4_OPTIONS = {"int4_block_size": "32", "int4_algo_config": "rtn"}
+_GPU_INT4_OPTIONS = {"int4_algo_config": "rtn"}
 # (dtype, quantize) -> (builder precision, the execution provider the builder targets)
 _PRECISION = {
     ("fp32", "none"): ("fp32", "cpu"),
@@ -90,7 +90,8 @@ def _loads_at_saved_dtype() -> Iterator[None]:
         base.AutoModelForCausalLM = original
 
 
-def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quantization: str) -> None:
+def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quantization: str,
+          block_size: int = 32) -> None:
     """Write ``model.onnx`` (+ ``model.onnx.data``) into ``staging`` with the GenAI builder, from ``checkpoint``."""
     try:
         from onnxruntime_genai.models.builder import create_model
@@ -103,6 +104,8 @@ def build(checkpoint: Path, model_type: str, staging: Path, *, dtype: str, quant
     built = staging / ".fused"
     try:
         options = {} if precision != "int4" else _INT4_OPTIONS if provider == "cpu" else _GPU_INT4_OPTIONS
+        if precision == "int4":
+            options = {**options, "int4_block_size": str(block_size)}
         # The builder prints its progress and tqdm bars, and its quantizer and onnx_ir log a line per weight
         # (and warnings about the shared int4 embedding table that validation then checks): the CLI's stdout
         # is the export's path alone, so all of it goes to the debug log instead; errors still surface.

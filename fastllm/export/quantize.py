@@ -73,14 +73,15 @@ def _import_quantizer() -> tuple[type, type]:
     return DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
 
-def quantize_weights(model: object, bits: int) -> object:
-    """Weight-only MatMulNBits quantization (bits 4 or 8), block size 32, symmetric."""
+def quantize_weights(model: object, bits: int, block_size: int = 32) -> object:
+    """Weight-only MatMulNBits quantization (bits 4 or 8), symmetric."""
     DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer = _import_quantizer()
 
     folded = fold_transposed_initializers(model)
-    log.info("quantizing MatMul weights to int%d (MatMulNBits, block 32); %d tied weight(s) folded", bits, folded)
-    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=32, is_symmetric=True, accuracy_level=4,
+    log.info("quantizing MatMul weights to int%d (MatMulNBits, block %d); %d tied weight(s) folded", bits,
+             block_size, folded)
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, accuracy_level=4, bits=bits)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=4,
                                      algo_config=config)
     quantizer.process()
     return quantizer.model.model
@@ -93,7 +94,7 @@ def to_fp16(model: object) -> object:
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
+def rewrite(onnx_path: Path, *, dtype: str, quantization: str, block_size: int = 32) -> None:
     """Apply the requested dtype/quantization to ``onnx_path`` in place."""
     import onnx
 
@@ -101,7 +102,7 @@ def rewrite(onnx_path: Path, *, dtype: str, quantization: str) -> None:
         return
     model = onnx.load(str(onnx_path))
     if quantization in ("int4", "int8"):
-        model = quantize_weights(model, bits=4 if quantization == "int4" else 8)
+        model = quantize_weights(model, bits=4 if quantization == "int4" else 8, block_size=block_size)
     if dtype == "fp16":
         model = to_fp16(model)
     for stale in onnx_path.parent.glob(onnx_path.name + "*"):

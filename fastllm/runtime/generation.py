@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 # GroupQueryAttention takes several new tokens on a past for one row only; and on a full batch a decode step is
 # no longer bound by reading the weights, so verifying drafts would cost every row real compute.
 SPECULATION_MAX_ROWS = 1
+# The fewest prompt tokens a chunk reads, however short the running rows' steps: below this a chunk's fixed
+# cost dominates and a long prompt would take many times its solo prefill.
+MIN_CHUNK_TOKENS = 8
 
 
 def greedy_tokens(decoder: Decoder, prompt: list[int]) -> Iterator[int]:
@@ -120,6 +123,8 @@ class _Pending:
         # (tokens, KV) of the prompt's start already computed: found in the prefix cache, then grown by chunks.
         self.reused: tuple[int, list[Any] | None] | None = None
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
+        # A prompt read in chunks on graphs that share KV buffers: buffers for the whole prompt, written in place.
+        self.buffers: list[Any] | None = None
 
     def send(self, item: list[Delta] | BaseException) -> None:
         """Hand ``item`` to the request's event loop; one that has closed (its app shut down while the engine
@@ -145,7 +150,7 @@ class EngineStats:
 class GenerationEngine:
     def __init__(self, decoder: Decoder, tokenizer: Tokenizer, *, eos_token_ids: list[int],
                  max_batch_size: int, max_prefill_tokens: int, max_queue: int, name: str = "",
-                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256,
+                 prefix_cache: PrefixCache | None = None, prefill_chunk: int = 256, prefill_stall_ratio: float = 0.0,
                  kv_budget_bytes: int | None = None, drafter: Drafter | None = None) -> None:
         self.decoder = decoder
         self.prefix_cache = prefix_cache
@@ -155,6 +160,10 @@ class GenerationEngine:
         self.max_prefill_tokens = max_prefill_tokens
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.prefill_stall_ratio = prefill_stall_ratio
+        # Measured as the engine runs (seconds): its last decode step's, and what a chunk costs per prompt token.
+        self._step_seconds: float | None = None
+        self._chunk_seconds_per_token: float | None = None
         self.kv_budget_bytes = kv_budget_bytes
         self.kv_token_bytes = decoder.kv_token_bytes
         self.name = name
@@ -162,7 +171,10 @@ class GenerationEngine:
         self._waiting: deque[_Pending] = deque()
         self._running: list[_Sequence] = []
         self._cache = BatchCache(right_padded=decoder.right_padded, shared=decoder.shares_kv)
-        self.drafter = drafter if drafter is not None and self._can_verify(name) else None
+        if drafter is not None and not self._can_verify(name):
+            drafter.close()  # a draft model's session is let go of at once, not when the engine closes
+            drafter = None
+        self.drafter = drafter
         self._wake = threading.Condition()
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{name}")
         self._stopping = False
@@ -239,6 +251,8 @@ class GenerationEngine:
 
     def _drop_cancelled(self) -> None:
         with self._wake:
+            if any(p.cancelled and p.buffers is not None for p in self._waiting):
+                self.decoder.release("prefill")  # a prompt given up on while read in chunks
             self._waiting = deque(p for p in self._waiting if not p.cancelled)
         if any(s.request.cancelled for s in self._running):
             self._retain([s for s in self._running if not s.request.cancelled])
@@ -253,6 +267,7 @@ class GenerationEngine:
         prefill: each chunk a multi-token step on the KV of the chunks before it, as a cached prefix is).
         """
         budget = self.max_prefill_tokens
+        chunk_tokens = self._chunk_tokens()
         while True:
             group: list[_Pending] = []
             chunked: _Pending | None = None
@@ -276,7 +291,7 @@ class GenerationEngine:
                         pending.send(self._too_large(longest_prompt, pending.request.n))
                         continue
                     fits = pending.request.n <= slots
-                    if self._running and ids > self.prefill_chunk and fits:
+                    if self._running and ids > chunk_tokens and fits:
                         chunked = None if group else pending
                         break
                     padded = max(longest, ids) * (len(group) + 1)
@@ -289,7 +304,7 @@ class GenerationEngine:
                     if not self.decoder.batched_prefill or pending.reused[0]:
                         break
             if chunked is not None:
-                self._prefill_chunk(chunked)
+                self._prefill_chunk(chunked, chunk_tokens)
                 return
             if not group:
                 return
@@ -333,13 +348,36 @@ class GenerationEngine:
     def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
         return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)
 
-    def _prefill_chunk(self, pending: _Pending) -> None:
-        """The next ``prefill_chunk`` tokens of a long prompt, on the KV of those before; the request stays at
-        the head of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
+    def _chunk_tokens(self) -> int:
+        """How many tokens of a long prompt the next chunk reads while others decode: ``prefill_chunk``, or with
+        ``prefill_stall_ratio`` as many as keep the running rows' gap between tokens (the chunk, then their step)
+        within that many times their step alone, going by the last chunk's cost per token (which grows with
+        the prompt's length) and the last step's time. A prompt is read more slowly so that the streams
+        already running keep their pace: the trade Sarathi-Serve makes with its token budget."""
+        if not self.prefill_stall_ratio or self._step_seconds is None:
+            return self.prefill_chunk
+        if self._chunk_seconds_per_token is None:
+            return MIN_CHUNK_TOKENS  # nothing measured yet: a small first chunk, then as many as fit
+        allowed = (self.prefill_stall_ratio - 1) * self._step_seconds / self._chunk_seconds_per_token
+        return int(min(self.prefill_chunk, max(MIN_CHUNK_TOKENS, allowed)))
+
+    def _prefill_chunk(self, pending: _Pending, size: int) -> None:
+        """The next ``size`` tokens of a long prompt, on the KV of those before; the request stays at the head
+        of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
         done, past = pending.reused or (0, None)
-        ids = pending.request.prompt_ids[: done + self.prefill_chunk]
+        prompt = pending.request.prompt_ids
+        ids = prompt[: done + size]
+        started = time.perf_counter()
         try:
-            out = self.decoder.prefill_after(ids, done, past) if past is not None else self.decoder.prefill([ids])
+            if self.decoder.shares_kv:
+                if pending.buffers is None:
+                    pending.buffers = self.decoder.kv_buffers(len(prompt), past)
+                out = self.decoder.prefill_into(ids, done, pending.buffers)
+                pending.buffers = out.present
+            elif past is not None:
+                out = self.decoder.prefill_after(ids, done, past)
+            else:
+                out = self.decoder.prefill([ids])
         except Exception:
             log.exception("chunked prefill failed for a request to %s", self.name)
             with self._wake:
@@ -347,7 +385,8 @@ class GenerationEngine:
                     self._waiting.popleft()
             pending.send(EngineError("the model failed while reading this prompt"))
             return
-        present = [to_host(p) for p in out.present]
+        self._chunk_seconds_per_token = (time.perf_counter() - started) / (len(ids) - done)
+        present = [to_host(p)[:, :, : len(ids)] for p in out.present]
         pending.reused = (len(ids), present)
         if self.prefix_cache is not None:
             self.prefix_cache.store(ids, [p[0] for p in present])
@@ -355,7 +394,11 @@ class GenerationEngine:
 
     def _prefill(self, group: list[_Pending]) -> None:
         reused, past = group[0].reused or (0, None)
-        if past is not None:  # one prompt, of which only what follows the cached prefix is computed
+        if group[0].buffers is not None:  # the rest of a prompt read in chunks, into the same buffers
+            out = self.decoder.prefill_into(group[0].request.prompt_ids, reused, group[0].buffers)
+            group[0].buffers = None
+            self.decoder.release("prefill")
+        elif past is not None:  # one prompt, of which only what follows the cached prefix is computed
             out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past)
         else:
             out = self.decoder.prefill([p.request.prompt_ids for p in group])
@@ -436,8 +479,10 @@ class GenerationEngine:
             if seq.sampler.grammar is not None:
                 seq.sampler.grammar.prefetch(self._grammar_pool)
         mask = self._cache.next_mask(new)
+        started = time.perf_counter()
         out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(new), in_place=self._cache.shared,
                                    all_logits=new > 1, keep=new)
+        self._step_seconds = time.perf_counter() - started
         logits = out.logits if new > 1 else out.logits[:, None, :]
         advance = np.ones(len(self._running), dtype=np.int64)
         self.stats.steps += 1

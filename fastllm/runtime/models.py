@@ -151,6 +151,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
             max_prefill_tokens=runtime.max_prefill_tokens, max_queue=runtime.max_queue, name=served_id,
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
+            prefill_stall_ratio=runtime.prefill_stall_ratio,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
             drafter=_drafter(config, tokenizer, models_dir, options),
         )
