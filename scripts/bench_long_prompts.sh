@@ -43,7 +43,8 @@ for name in ${MODELS:-smollm2 qwen-coder}; do
   bench "FastLLM $title int4, fixed chunks of 256 (prefill_stall_ratio 0)" 8201 "$out/$name-fastllm-fixed.json" \
     arrival -- env FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
   bench "FastLLM $title int4, no prefix cache or chunking" 8201 "$out/$name-fastllm-before.json" "$all" -- \
-    env FASTLLM_RUNTIME__PREFIX_CACHE_MB=0 FASTLLM_RUNTIME__PREFILL_CHUNK_TOKENS=1000000 "${serve[@]}"
+    env FASTLLM_RUNTIME__PREFIX_CACHE_MB=0 FASTLLM_RUNTIME__PREFILL_CHUNK_TOKENS=1000000 \
+    FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
   bench "llama-server $title Q4_0" 8202 "$out/$name-llama.json" "$all" -- \
     scripts/peers/llama_server.sh 8202 "$threads" 8 "$q4_0"
   merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-fixed.json"
