@@ -109,7 +109,7 @@ class RuntimeConfig(_Section):
     # tokens, one chunk between two decode steps (chunked prefill); alone, a prompt is prefilled whole.
     prefill_chunk_tokens: int = Field(default=256, ge=16)
     # While a long prompt is read in chunks, the streams already running wait at most about this many times
-    # their usual gap between tokens: each chunk is sized to fit (at least 16 tokens, at most
+    # their usual gap between tokens: each chunk is sized to fit (at least 8 tokens, at most
     # prefill_chunk_tokens), so the prompt takes longer to its first token. 0: chunks of prefill_chunk_tokens.
     prefill_stall_ratio: float = Field(default=3.0, ge=0.0)
     # Requests waiting for a slot before new ones get 429.

@@ -16,7 +16,7 @@ mkdir -p "$out"
 [ -f "$model/fastllm.json" ] || fastllm export "$(scripts/fetch_minilm.sh)" --name all-MiniLM-L6-v2 -o "$model" \
   --force >&2
 scripts/peers/infinity.sh install
-peak() { grep VmHWM "/proc/$server_pid/status" | awk '{print $2 * 1024}'; }
+peak() { grep VmHWM "/proc/$server_pid/status" | awk '{printf "%d\n", $2 * 1024}'; }
 
 start_server 8401 "$out/fastllm.log" fastllm serve --model "$model" --port 8401 --threads "$threads" \
   --log-level warning
@@ -32,7 +32,7 @@ infinity_rss="$(peak)"
 stop_server
 python - "$out" "$fastllm_rss" "$infinity_rss" <<'PY' > docs/benchmarks-embeddings.md
 import datetime, json, os, subprocess, sys
-out, rss = sys.argv[1], {"FastLLM": int(sys.argv[2]), "Infinity 0.0.78": int(sys.argv[3])}
+out, rss = sys.argv[1], {"FastLLM": float(sys.argv[2]), "Infinity 0.0.78": float(sys.argv[3])}
 ours, theirs = (json.load(open(f"{out}/{n}.json"))["inputs_per_s"] for n in ("fastllm", "infinity"))
 cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
 model = next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?")

@@ -129,6 +129,29 @@ def test_chunk_size_follows_the_stall_ratio(smollm2_fp32: Path) -> None:
         model.close()
 
 
+def test_a_short_prompt_arriving_while_others_decode_is_prefilled_whole(smollm2_fp32: Path) -> None:
+    """Only prompts above prefill_chunk_tokens go in chunks, whatever the stall ratio would allow: split, a
+    short one would wait longer for its first token and spare the running rows little."""
+    model = _load(smollm2_fp32, prefix_cache_mb=0, prefill_chunk_tokens=256, prefill_stall_ratio=3.0)
+    try:
+        short = model.tokenizer.encode("A short story about the sea. " * 20, add_special_tokens=False)
+        assert 64 < len(short) < 256
+
+        async def together() -> None:
+            progress = [0]
+            running = asyncio.create_task(_collect(model, _request([1, 2, 3], 60), progress))
+            while progress[0] < 4:
+                await asyncio.sleep(0.01)
+            await _collect(model, _request(short, 4))
+            await running
+
+        asyncio.run(together())
+        assert model.generator.stats.prefill_chunks == 0
+        assert model.generator.stats.prefill_runs == 2
+    finally:
+        model.close()
+
+
 def test_alone_a_long_prompt_is_prefilled_whole(smollm2_fp32: Path) -> None:
     model = _load(smollm2_fp32, prefix_cache_mb=0, prefill_chunk_tokens=64)
     try:

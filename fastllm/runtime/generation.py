@@ -125,6 +125,7 @@ class _Pending:
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
         # A prompt read in chunks on graphs that share KV buffers: buffers for the whole prompt, written in place.
         self.buffers: list[Any] | None = None
+        self.chunking = False  # once a long prompt's first chunk is read, the rest goes in chunks too
 
     def send(self, item: list[Delta] | BaseException) -> None:
         """Hand ``item`` to the request's event loop; one that has closed (its app shut down while the engine
@@ -291,7 +292,10 @@ class GenerationEngine:
                         pending.send(self._too_large(longest_prompt, pending.request.n))
                         continue
                     fits = pending.request.n <= slots
-                    if self._running and ids > chunk_tokens and fits:
+                    # Long prompts go in chunks (short ones whole: split, they would take longer and spare the
+                    # running rows little); once begun, every chunk is sized to the stall ratio.
+                    long = ids > (chunk_tokens if pending.chunking else self.prefill_chunk)
+                    if self._running and long and fits:
                         chunked = None if group else pending
                         break
                     padded = max(longest, ids) * (len(group) + 1)
@@ -349,11 +353,12 @@ class GenerationEngine:
         return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)
 
     def _chunk_tokens(self) -> int:
-        """How many tokens of a long prompt the next chunk reads while others decode: ``prefill_chunk``, or with
-        ``prefill_stall_ratio`` as many as keep the running rows' gap between tokens (the chunk, then their step)
-        within that many times their step alone, going by the last chunk's cost per token (which grows with
-        the prompt's length) and the last step's time. A prompt is read more slowly so that the streams
-        already running keep their pace: the trade Sarathi-Serve makes with its token budget."""
+        """How many tokens of a long prompt (one above ``prefill_chunk``) the next chunk reads while others
+        decode: ``prefill_chunk``, or with ``prefill_stall_ratio`` as many as keep the running rows' gap between
+        tokens (the chunk, then their step) within that many times their step alone, going by the last chunk's
+        cost per token (which grows with the prompt's length) and the last step's time. A prompt is read more
+        slowly so that the streams already running keep their pace: the trade Sarathi-Serve makes with its
+        token budget."""
         if not self.prefill_stall_ratio or self._step_seconds is None:
             return self.prefill_chunk
         if self._chunk_seconds_per_token is None:
@@ -367,6 +372,7 @@ class GenerationEngine:
         done, past = pending.reused or (0, None)
         prompt = pending.request.prompt_ids
         ids = prompt[: done + size]
+        pending.chunking = True
         started = time.perf_counter()
         try:
             if self.decoder.shares_kv:
