@@ -85,6 +85,10 @@ peer "$hf_python" optimum 1 .cache/peers/smollm2-hf
 peer "$hf_python" transformers 1 .cache/peers/smollm2-hf
 peer "$hf_python" sentence-transformers 1 "$minilm"
 
+echo "== where a decode step's time goes" >&2
+[ -f "$out/profile.json" ] || python scripts/profile_step.py "$models/smollm2-fused-int4" \
+  "$models/qwen-coder-fused-int4" --batch 1,8 --threads "$threads" --json "$out/profile.json" >&2
+
 echo "== structured outputs" >&2
 python scripts/bench_structured.py "$models/smollm2-fused-int4" "$models/qwen-coder-fused-int4" --threads "$threads" \
   --repeat "$repeat" --json "$out/structured.json" --markdown docs/benchmarks-structured.md >&2

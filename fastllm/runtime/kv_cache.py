@@ -20,6 +20,7 @@ doubling; on a GPU they live on the device and come to the host only to join, le
 
 from __future__ import annotations
 
+import mmap
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,18 @@ def to_host(array: Any) -> np.ndarray:
 def _columns(array: Any) -> int:
     shape = array.shape
     return int((shape() if callable(shape) else shape)[2])  # OrtValue.shape is a method
+
+
+def _small_pages(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """A zeroed array in memory of its own, mapped in 4 KB pages that the kernel fills on first touch. numpy
+    asks for huge pages above 4 MB, and a cache buffer is written sparsely (each row up to its length, the rest
+    is padding): every 2 MB page that a row's few columns touch was zeroed whole. A 1.8k-token row joining four
+    short ones touched 457 MB that way in 0.57 s, a stall for every stream; in 4 KB pages it takes 37 ms (and
+    writing the padding's zeros ourselves, as before, cost a copy of the whole buffer). Unmapped when freed."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if size == 0:
+        return np.empty(shape, dtype=dtype)
+    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
 
 
 class BatchCache:
@@ -124,24 +137,15 @@ class BatchCache:
         self.lengths = self.lengths + (1 if advance is None else advance)
 
     def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
-        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side, written
-        in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot again, and a
-        lazily zeroed buffer written sparsely was slower still, page by page).
-
-        Shared buffers leave their padding unwritten: GroupQueryAttention reads each row up to its own length
-        only (past it lie the rejected drafts of speculative decoding too), and a 1.8k-token prompt joining
-        four short rows was two thirds padding, 0.6 s of zeros that stalled every stream once. Graphs that
-        mask padding instead (optimum's) would turn garbage into NaN through the zero weights: zeros there."""
+        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side. Only the
+        real columns are written, once: the padding is the fresh mapping's zeros (``_small_pages``), which graphs
+        that mask padding (optimum's) need, and which GroupQueryAttention never reads."""
         parts = [old] if new is None else [old, new]
-        out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)
+        out = _small_pages((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), old.dtype)
         row = 0
         for part in parts:
             width = part.shape[2]
-            real, pad = (slice(0, width), slice(width, columns)) if self.right_padded else \
-                (slice(columns - width, columns), slice(0, columns - width))
-            block = out[row:row + part.shape[0]]
-            block[:, :, real] = part
-            if not self.shared:
-                block[:, :, pad] = 0
+            real = slice(0, width) if self.right_padded else slice(columns - width, columns)
+            out[row:row + part.shape[0], :, real] = part
             row += part.shape[0]
         return out
