@@ -65,7 +65,8 @@ def _page(path: Path) -> list[str]:
     if not path.is_file():
         return [f"Not measured in this run: `{path.name}` is missing.", ""]
     lines = path.read_text().splitlines()
-    return [*(lines[1:] if lines and lines[0].startswith("# ") else lines), ""]
+    body = "\n".join(lines[1:] if lines and lines[0].startswith("# ") else lines).strip()
+    return [*body.splitlines(), ""]
 
 
 def main() -> None:
@@ -206,7 +207,7 @@ def main() -> None:
         "",
         "`scripts/profile_step.py`: ONNX Runtime's profiler over the engine's own decode step (shared KV buffers "
         "bound in place), after 256 tokens per row; medians. \"Weights read\" is the int4 file over the step's "
-        "time: one stream of Qwen2.5-Coder-0.5B reads at most of this machine's bandwidth (25–39 GB/s measured "
+        "time: one stream of Qwen2.5-Coder-0.5B reads near this machine's bandwidth (25–39 GB/s measured "
         "with 1–2 threads), so it is bound by memory; at 8 rows the int4 kernel computes in int8 and its time "
         "grows with the rows (about 17 µs per row for an 896×4864 weight: compute-bound), and GroupQueryAttention "
         "runs a small GEMM pair per row and query head. Our Python is well under a millisecond a step; the "
