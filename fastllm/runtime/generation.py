@@ -366,6 +366,12 @@ class GenerationEngine:
         allowed = (self.prefill_stall_ratio - 1) * self._step_seconds / self._chunk_seconds_per_token
         return int(min(self.prefill_chunk, max(MIN_CHUNK_TOKENS, allowed)))
 
+    def _buffers(self, prompt: list[int], past: list[Any] | None) -> list[Any]:
+        """KV buffers for a long prompt read in chunks, with room to decode into once an empty batch adopts
+        them. (A cached prefix's remainder is not computed this way: copying the prefix into such buffers made
+        a warm 3.5k-token prompt 60 ms slower to its first token than ``prefill_after``.)"""
+        return self.decoder.kv_buffers(len(prompt) + max(64, len(prompt) // 8), past)
+
     def _prefill_chunk(self, pending: _Pending, size: int) -> None:
         """The next ``size`` tokens of a long prompt, on the KV of those before; the request stays at the head
         of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
@@ -377,7 +383,7 @@ class GenerationEngine:
         try:
             if self.decoder.shares_kv:
                 if pending.buffers is None:
-                    pending.buffers = self.decoder.kv_buffers(len(prompt), past)
+                    pending.buffers = self._buffers(prompt, past)
                 out = self.decoder.prefill_into(ids, done, pending.buffers)
                 pending.buffers = out.present
             elif past is not None:

@@ -20,7 +20,6 @@ doubling; on a GPU they live on the device and come to the host only to join, le
 
 from __future__ import annotations
 
-import mmap
 from typing import Any
 
 import numpy as np
@@ -36,19 +35,19 @@ def _columns(array: Any) -> int:
     return int((shape() if callable(shape) else shape)[2])  # OrtValue.shape is a method
 
 
-def _small_pages(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    """A zeroed array in memory of its own, mapped in 4 KB pages that the kernel fills on first touch. numpy
-    asks for huge pages above 4 MB, and a cache buffer is written sparsely (each row up to its length, the rest
-    is padding): every 2 MB page that a row's few columns touch was zeroed whole. A 1.8k-token row joining four
-    short ones touched 457 MB that way in 0.57 s, a stall for every stream; in 4 KB pages it takes 37 ms (and
-    writing the padding's zeros ourselves, as before, cost a copy of the whole buffer). Filled whole (five
-    1.8k-token rows grown to 2,250 columns), fresh small pages take 260-290 ms: slower than memory that malloc
-    happens to recycle (68 ms), far faster than fresh huge pages (870 ms): the same cost every time, never the
-    worst (this machine, a VM). Unmapped when freed."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if size == 0:
-        return np.empty(shape, dtype=dtype)
-    return np.frombuffer(mmap.mmap(-1, size), dtype=dtype).reshape(shape)
+def small_pages_only() -> None:
+    """Stop numpy asking for huge pages (``madvise``) for arrays above 4 MB, for the whole process: the server
+    calls it at start. KV buffers are written sparsely: each row up to its length, the rest padding that
+    GroupQueryAttention never reads. Every 2 MB page a row's few columns touch was zeroed whole: a 1.8k-token row
+    joining four short ones made 457 MB of fresh pages in 0.57 s, a stall for every stream; with 4 KB pages,
+    38 ms. A buffer filled whole (grown for more steps) costs about the same either way when malloc recycles
+    the memory (68 ms for five 1.8k-token rows), and 180 ms against 870 ms when it is fresh (this machine, a
+    VM). numpy reads NUMPY_MADVISE_HUGEPAGE only at import; this is the switch it uses itself."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _set_madvise_hugepage  # type: ignore[no-redef]
+    _set_madvise_hugepage(False)
 
 
 class BatchCache:
@@ -80,8 +79,9 @@ class BatchCache:
         if rows is not None:
             index = np.asarray(rows)
             present = [to_host(p)[index] for p in present]
-        new_len = _columns(present[0])
         new_lengths = np.asarray(lengths, dtype=np.int64)
+        # shared buffers may come with spare columns (a prompt computed in place): only the real ones are carried
+        new_len = int(new_lengths.max()) if self.shared else _columns(present[0])
         if self.rows == 0:
             self.past, self.lengths = list(present), new_lengths
             return
@@ -89,7 +89,7 @@ class BatchCache:
         # Shared buffers get room to decode into now (growing them at the next step would copy them again), but
         # not much: every row pays the longest row's width, and a long prompt joining short rows is common.
         columns = width + max(64, width // 8) if self.shared else width
-        self.past = [self._stack(to_host(old)[:, :, : self.width], to_host(new), columns)
+        self.past = [self._stack(to_host(old)[:, :, : self.width], to_host(new)[:, :, :new_len], columns)
                      for old, new in zip(self.past, present, strict=True)]
         self.lengths = np.concatenate([self.lengths, new_lengths])
 
@@ -140,15 +140,21 @@ class BatchCache:
         self.lengths = self.lengths + (1 if advance is None else advance)
 
     def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
-        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side. Only the
-        real columns are written, once: the padding is the fresh mapping's zeros (``_small_pages``), which graphs
-        that mask padding (optimum's) need, and which GroupQueryAttention never reads."""
+        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side, written
+        in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot again). Shared
+        buffers leave their padding unwritten: GroupQueryAttention reads each row up to its own length (past it
+        lie rejected drafts too), and unwritten pages cost nothing (see ``small_pages_only``); graphs that mask
+        padding (optimum's) need zeros there, which garbage would turn into NaN through the zero weights."""
         parts = [old] if new is None else [old, new]
-        out = _small_pages((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), old.dtype)
+        out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)
         row = 0
         for part in parts:
             width = part.shape[2]
-            real = slice(0, width) if self.right_padded else slice(columns - width, columns)
-            out[row:row + part.shape[0], :, real] = part
+            real, pad = (slice(0, width), slice(width, columns)) if self.right_padded else \
+                (slice(columns - width, columns), slice(0, columns - width))
+            block = out[row:row + part.shape[0]]
+            block[:, :, real] = part
+            if not self.shared:
+                block[:, :, pad] = 0
             row += part.shape[0]
         return out

@@ -8,6 +8,7 @@ from types import FrameType
 import uvicorn
 
 from fastllm.config import Settings
+from fastllm.runtime.kv_cache import small_pages_only
 from fastllm.server.app import create_app, load_registry
 from fastllm.server.registry import ModelRegistry
 
@@ -30,6 +31,7 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(settings: Settings) -> None:
+    small_pages_only()
     registry = load_registry(settings)
     app = create_app(settings, registry)
     config = uvicorn.Config(
