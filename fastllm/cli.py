@@ -141,7 +141,7 @@ def serve(**kwargs: Any) -> None:
               help="ONNX Runtime weight-only quantization (MatMulNBits).")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="Weights per quantization scale: 32 is the most faithful (as Q4_0); 128 decodes and prefills "
-                   "about a quarter faster on CPUs for a small loss in quality.")
+                   "10-20% faster on CPUs and loses more quality (the manifest's quality figures say how much).")
 @click.option("--graph", type=click.Choice(["auto", "optimum", "fused"]), default="auto", show_default=True,
               help="fused: ONNX Runtime GenAI's fused decoder graph (Llama, Mistral, Qwen2/3, Phi-3, Gemma 1/3, "
                    "Granite, SmolLM3 at fp32, fp16 or int4), about twice as fast to serve on CPUs; optimum: the "

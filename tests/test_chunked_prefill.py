@@ -95,7 +95,7 @@ def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path
         done = start
         for size in (8, 29, 64, 16, 100, 1000):
             end = min(len(prompt), done + size)
-            out = decoder.prefill_into(prompt[:end], done, buffers)
+            out = decoder.prefill_after(prompt[:end], done, buffers, in_place=True)
             assert out.present is buffers  # written in place
             done = end
             if done == len(prompt):

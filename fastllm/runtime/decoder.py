@@ -144,35 +144,32 @@ class Decoder:
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
         return StepOutput(logits=out.logits[:, -1, :], present=out.present)
 
-    def prefill_after(self, prompt: list[int], start: int, past: list[KV]) -> StepOutput:
+    def prefill_after(self, prompt: list[int], start: int, past: list[KV], *, in_place: bool = False) -> StepOutput:
         """One prompt whose first ``start`` tokens' KV is ``past``: only the rest is computed, in one
         multi-token step with a past (the step chunked prefill and speculative verification take too).
-        Both graph kinds give exactly the logits of a whole prefill (checked in the tests)."""
+        Both graph kinds give exactly the logits of a whole prefill (checked in the tests).
+
+        ``in_place`` (``shares_kv`` graphs): ``past`` are buffers with room for the whole prompt
+        (``kv_buffers``), and the graph writes the new keys and values into them: nothing is copied, and the
+        present returned is the buffers (on a GPU their device copies, to pass to the next chunk). A prompt read
+        in chunks that each copied its whole past into a new present paid for its length at every chunk: the
+        32-token chunks of a 2k-token prompt grew from 21 to 42 ms (SmolLM2 int4, 2 cores), 37 ms in place."""
         ids = np.asarray([prompt[start:]], dtype=np.int64)
         mask = np.ones((1, len(prompt)), dtype=np.int64)
         positions = np.arange(start, len(prompt), dtype=np.int64)[None]
-        return self.forward(ids, mask, positions, past)
+        if not in_place:
+            return self.forward(ids, mask, positions, past)
+        out = self.forward(ids, mask, positions, past, in_place=True, slot="prefill")
+        return StepOutput(logits=out.logits.copy(), present=out.present)  # the bound logits buffer is reused
 
     def kv_buffers(self, tokens: int, past: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Buffers for one sequence of up to ``tokens`` tokens, to be written in place (``prefill_into``), holding
+        """Buffers for one sequence of up to ``tokens`` tokens, to be written in place (``prefill_after``), holding
         ``past`` (``[1, heads, n, head_dim]`` per tensor, n <= tokens) at their start."""
         buffers = [np.zeros((1, self.num_kv_heads, tokens, self.head_dim), dtype=self.kv_dtype)
                    for _ in self.past_names]
         for buffer, known in zip(buffers, past or [], strict=False):
             buffer[:, :, : known.shape[2]] = known
         return buffers
-
-    def prefill_into(self, prompt: list[int], start: int, buffers: list[KV]) -> StepOutput:
-        """``prefill_after`` on buffers with room for the whole prompt (``kv_buffers``; ``shares_kv`` graphs):
-        the graph writes the new keys and values after the first ``start``, and nothing is copied. A prompt
-        read in chunks that each copied its whole past into a new present paid for its length at every chunk:
-        the 32-token chunks of a 2k-token prompt grew from 21 to 42 ms (SmolLM2 int4, 2 cores), 37 ms in place.
-        The present returned is the buffers (on a GPU their device copies, to pass to the next chunk)."""
-        ids = np.asarray([prompt[start:]], dtype=np.int64)
-        mask = np.ones((1, len(prompt)), dtype=np.int64)
-        positions = np.arange(start, len(prompt), dtype=np.int64)[None]
-        out = self.forward(ids, mask, positions, buffers, in_place=True, slot="prefill")
-        return StepOutput(logits=out.logits.copy(), present=out.present)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[KV], *, all_logits: bool = False, in_place: bool = False, keep: int = 1,

@@ -125,7 +125,12 @@ class _Pending:
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
         # A prompt read in chunks on graphs that share KV buffers: buffers for the whole prompt, written in place.
         self.buffers: list[Any] | None = None
-        self.chunking = False  # once a long prompt's first chunk is read, the rest goes in chunks too
+
+    @property
+    def chunking(self) -> bool:
+        """Whether chunks of this prompt have been read (beyond what the prefix cache gave): once begun, a long
+        prompt goes on in chunks."""
+        return self.reused is not None and self.reused[0] > self.cached_tokens
 
     def send(self, item: list[Delta] | BaseException) -> None:
         """Hand ``item`` to the request's event loop; one that has closed (its app shut down while the engine
@@ -378,13 +383,12 @@ class GenerationEngine:
         done, past = pending.reused or (0, None)
         prompt = pending.request.prompt_ids
         ids = prompt[: done + size]
-        pending.chunking = True
         started = time.perf_counter()
         try:
             if self.decoder.shares_kv:
                 if pending.buffers is None:
                     pending.buffers = self._buffers(prompt, past)
-                out = self.decoder.prefill_into(ids, done, pending.buffers)
+                out = self.decoder.prefill_after(ids, done, pending.buffers, in_place=True)
                 pending.buffers = out.present
             elif past is not None:
                 out = self.decoder.prefill_after(ids, done, past)
@@ -407,7 +411,7 @@ class GenerationEngine:
     def _prefill(self, group: list[_Pending]) -> None:
         reused, past = group[0].reused or (0, None)
         if group[0].buffers is not None:  # the rest of a prompt read in chunks, into the same buffers
-            out = self.decoder.prefill_into(group[0].request.prompt_ids, reused, group[0].buffers)
+            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, group[0].buffers, in_place=True)
             group[0].buffers = None
             self.decoder.release("prefill")
         elif past is not None:  # one prompt, of which only what follows the cached prefix is computed
