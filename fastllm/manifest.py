@@ -51,6 +51,9 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     # int4/int8 weights: how many weights share one scale (MatMulNBits' block_size); 0 when not quantized
     block_size: int = 0
     onnx_file: str = "model.onnx"
+    # The graph prompts run through where it differs from the decode graph (export/prefill_graph.py: int8
+    # weights and activations beside int4 ones, on the CPU); "" = onnx_file for both.
+    prefill_file: str = ""
     # "optimum": optimum's general decoder graph (left-padded batches, position_ids input).
     # "fused": ONNX Runtime GenAI's builder graph (GroupQueryAttention, fused norms; right-padded batches).
     graph: Literal["optimum", "fused"] = "optimum"
@@ -74,6 +77,7 @@ class Manifest(msgspec.Struct, kw_only=True, omit_defaults=True):
     normalize: bool = False
     embedding_dim: int | None = None
     quality: Quality | None = None
+    prefill_quality: Quality | None = None  # prefill_file's, measured the same way
     tools: dict[str, str] = msgspec.field(default_factory=dict)
     files: dict[str, str] = msgspec.field(default_factory=dict)
 

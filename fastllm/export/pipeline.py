@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError, MissingExtraError, OutputExistsError
-from fastllm.export import fused, memory, sources, validate
+from fastllm.export import fused, memory, prefill_graph, sources, validate
 from fastllm.manifest import Manifest, sha256_file, token_id_list, write_manifest
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class ExportOptions:
     graph: str = "auto"
     name: str | None = None  # the served model id; default: the hub id, or the file/folder name
     max_memory_gb: float | None = None  # refuse exports estimated above this; default: what is available
+    # int4 fused graphs for CPUs: "auto" | "int8" | "none", a second graph for prompts (export/prefill_graph.py)
+    prefill_graph: str = "auto"
 
 
 def default_output(options: ExportOptions, checkpoint: sources.Checkpoint) -> Path:
@@ -81,6 +83,8 @@ def export(options: ExportOptions) -> Path:
     checkpoint = sources.resolve(options.source, revision=options.revision, token=options.token,
                                  task=options.task)
     options = replace(options, graph=choose_graph(options, checkpoint))
+    if options.prefill_graph == "int8" and not _prefill_graph_fits(options):
+        raise ExportError("--prefill-graph int8 goes with --graph fused --quantize int4 (and fp32 activations)")
     output = options.output or default_output(options, checkpoint)
     if output.exists() and not options.force:
         raise OutputExistsError(f"{output} already exists; pass --force to replace it")
@@ -139,9 +143,16 @@ def export(options: ExportOptions) -> Path:
             from fastllm.export.quantize import keep_last_logits
 
             if expected is not None and quantized:
-                validate.measure_quality(staging, manifest, expected)
+                manifest.quality = validate.measure_quality(staging, manifest, expected)
             keep_last_logits(staging / manifest.onnx_file, right_padded=manifest.graph == "fused")
             manifest.logits = "per-row" if manifest.graph == "fused" else "last-column"
+            built = _prefill_graph(options, staging / manifest.onnx_file, staging / "tokenizer.json",
+                                   manifest.context_length)
+            if built is not None:
+                manifest.prefill_file = built.name
+                if expected is not None:
+                    manifest.prefill_quality = validate.measure_quality(staging, manifest, expected,
+                                                                        prompt_graph=True)
         if options.validate:
             log.info("[5/5] validating against PyTorch")
             if expected is not None:
@@ -164,6 +175,17 @@ def export(options: ExportOptions) -> Path:
     log.info("exported %s to %s (%.1f MB) in %.1fs, peak memory %.2f GB", manifest.name, output, size / 1e6,
              time.perf_counter() - started, memory.peak_rss() / 1e9)
     return output
+
+
+def _prefill_graph_fits(options: ExportOptions) -> bool:
+    """The int8 prompt graph is made from a fused int4 graph for CPUs (fp32 activations), and runs there only."""
+    return options.graph == "fused" and options.quantize == "int4" and options.dtype == "fp32"
+
+
+def _prefill_graph(options: ExportOptions, onnx_path: Path, tokenizer_file: Path, context_length: int) -> Path | None:
+    if not _prefill_graph_fits(options) or not prefill_graph.wanted(options.prefill_graph, onnx_path):
+        return None
+    return prefill_graph.build(onnx_path, tokenizer_file, context_length)
 
 
 def working_dtype(options: ExportOptions) -> str:

@@ -101,21 +101,23 @@ def check_greedy(folder: Path, manifest: Manifest, expected: Reference, tokenize
             )
 
 
-def measure_quality(folder: Path, manifest: Manifest, expected: Reference) -> None:
-    """Teacher-forced agreement and perplexity against PyTorch; needs the graph's logits at every position,
-    so it runs before the export keeps only the last position's."""
+def measure_quality(folder: Path, manifest: Manifest, expected: Reference, *, prompt_graph: bool = False) -> Quality:
+    """Teacher-forced agreement and perplexity against PyTorch, of the decode graph or (``prompt_graph``) the
+    prompt graph; needs logits at every position: before the export keeps only the last position's, or from a
+    graph that takes how many to keep."""
     assert expected.top1 is not None, "the reference was computed without quality=True"
-    decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"])
+    decoder = Decoder(folder, manifest, providers=["CPUExecutionProvider"], prefill_graph=prompt_graph)
     ids = expected.quality_ids
     batch = np.asarray([ids], dtype=np.int64)
     ours = decoder.forward(batch, np.ones_like(batch), np.arange(len(ids))[None, :], decoder.empty_past(1),
-                           all_logits=True).logits[0]
+                           all_logits=True, keep=len(ids), prompt=prompt_graph).logits[0]
     agreement = float(np.mean(ours[:-1].argmax(-1) == expected.top1[:-1]))
-    manifest.quality = Quality(top1_agreement=round(agreement, 4), perplexity=round(_perplexity(ours, ids), 4),
-                               reference_perplexity=round(expected.perplexity, 4), reference_dtype=expected.dtype)
-    log.info("quality vs PyTorch %s: top-1 agreement %.3f, perplexity %.3f (%s %.3f)", expected.dtype,
-             manifest.quality.top1_agreement, manifest.quality.perplexity, expected.dtype,
-             manifest.quality.reference_perplexity)
+    quality = Quality(top1_agreement=round(agreement, 4), perplexity=round(_perplexity(ours, ids), 4),
+                      reference_perplexity=round(expected.perplexity, 4), reference_dtype=expected.dtype)
+    log.info("quality vs PyTorch %s (%s graph): top-1 agreement %.3f, perplexity %.3f (%s %.3f)", expected.dtype,
+             "prompt" if prompt_graph else "decode", quality.top1_agreement, quality.perplexity, expected.dtype,
+             quality.reference_perplexity)
+    return quality
 
 
 def _perplexity(logits: np.ndarray, ids: list[int]) -> float:

@@ -53,14 +53,26 @@ class StepOutput:
 class Decoder:
     def __init__(self, folder: Path, manifest: Manifest, *, providers: Any = "auto",
                  provider_options: dict[str, dict[str, Any]] | None = None, threads: int = 0,
-                 io_binding: str = "auto", spinning: bool = True) -> None:
+                 io_binding: str = "auto", spinning: bool = True, prefill_graph: bool = True) -> None:
         onnx_path = folder / manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"{onnx_path} is missing; re-run `fastllm export`")
+        prefill_path = folder / manifest.prefill_file if prefill_graph and manifest.prefill_file else None
+        if prefill_path is not None and not prefill_path.is_file():
+            raise ModelLoadError(f"{prefill_path} is missing; re-run `fastllm export`")
         loaded = create_session(onnx_path, requested=providers, provider_options=provider_options,
-                                threads=threads, spinning=spinning)
+                                threads=threads, spinning=spinning, spin_after_run=prefill_path is None)
         self.session = loaded.session
         self.provider = loaded.provider
+        # Prompts (prefill, chunks, a cached prefix's remainder) run through the export's prompt graph where it
+        # has one: int8 integer GEMMs, which only the CPU provider runs fast; decode steps through the main one.
+        self.prompt_session = self.session
+        if prefill_path is not None and self.provider == "CPUExecutionProvider":
+            self.prompt_session = create_session(prefill_path, requested=["CPUExecutionProvider"],
+                                                 threads=threads, spinning=spinning, spin_after_run=False).session
+        # Its keys and values differ in the last bits from what a decode step computes for the same tokens, so
+        # the prefix cache keeps only what prompts computed (see GenerationEngine._retain).
+        self.has_prefill_graph = self.prompt_session is not self.session
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
@@ -110,9 +122,9 @@ class Decoder:
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
         on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None and not fp32_cache
         self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
-        # by (slot, rows, one logits position per row): the running batch's buffers ("batch") and those of a long
-        # prompt read in chunks between its steps ("prefill") keep a binding each
-        self._shared: dict[tuple[str, int, bool], _SharedBinding] = {}
+        # by (slot, rows, one logits position per row, prompt graph): the running batch's buffers ("batch") and
+        # those of a long prompt read in chunks between its steps ("prefill") keep a binding each
+        self._shared: dict[tuple[str, int, bool, bool], _SharedBinding] = {}
 
     def release(self, slot: str | None = None) -> None:
         """Let go of the kept bindings (``slot``'s, or all), and so of the cache buffers they hold, once nothing
@@ -138,7 +150,7 @@ class Decoder:
             ids[row, cut] = prompt
             mask[row, cut] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True)
+        out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True, prompt=True)
         if self.right_padded and out.logits.shape[1] == width > 1:  # a graph that returns every position
             last = np.asarray([len(p) - 1 for p in prompts])
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
@@ -158,8 +170,8 @@ class Decoder:
         mask = np.ones((1, len(prompt)), dtype=np.int64)
         positions = np.arange(start, len(prompt), dtype=np.int64)[None]
         if not in_place:
-            return self.forward(ids, mask, positions, past)
-        out = self.forward(ids, mask, positions, past, in_place=True, slot="prefill")
+            return self.forward(ids, mask, positions, past, prompt=True)
+        out = self.forward(ids, mask, positions, past, in_place=True, slot="prefill", prompt=True)
         return StepOutput(logits=out.logits.copy(), present=out.present)  # the bound logits buffer is reused
 
     def kv_buffers(self, tokens: int, past: list[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -173,9 +185,10 @@ class Decoder:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[KV], *, all_logits: bool = False, in_place: bool = False, keep: int = 1,
-                slot: str = "batch") -> StepOutput:
+                slot: str = "batch", prompt: bool = False) -> StepOutput:
         """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding. ``keep``: the last
-        positions per row whose logits ``all_logits`` returns, where the graph computes only those.
+        positions per row whose logits ``all_logits`` returns, where the graph computes only those. ``prompt``:
+        the new tokens are a prompt's, for the prompt graph where the export has one.
 
         ``in_place`` (with ``shares_kv``): ``past`` are buffers with spare columns, bound as the present
         too, so the graph writes the new keys/values into them instead of copying the whole cache into a
@@ -187,19 +200,21 @@ class Decoder:
             feeds["position_ids"] = position_ids
         if self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.asarray([keep], dtype=np.int64)
+        session = self.prompt_session if prompt else self.session
         if in_place:
-            logits, present = self._in_place(feeds, past, slot)
+            logits, present = self._in_place(feeds, past, slot, session)
         elif self.binding_device is not None:
-            logits, present = self._bound(feeds, past)
+            logits, present = self._bound(feeds, past, session)
         else:
             feeds.update(zip(self.past_names, past, strict=True))
-            outputs = self.session.run(self._output_names, feeds)
+            outputs = session.run(self._output_names, feeds)
             logits, present = outputs[0], outputs[1:]
         if not all_logits:
             logits = logits[:, -1, :]
         return StepOutput(logits=logits.astype(np.float32, copy=False), present=present)
 
-    def _in_place(self, feeds: dict[str, np.ndarray], past: list[KV], slot: str) -> tuple[np.ndarray, list[KV]]:
+    def _in_place(self, feeds: dict[str, np.ndarray], past: list[KV], slot: str,
+                  session: ort.InferenceSession) -> tuple[np.ndarray, list[KV]]:
         """One decode step on shared buffers; the binding lives as long as the cache keeps its buffers.
 
         Host buffers from the cache (after rows joined or left, or the buffers grew) go to the device once
@@ -210,12 +225,12 @@ class Decoder:
         # verify drafts, whose logits (a shape per draft length) ONNX Runtime allocates: a buffer per length
         # would pile up (33 positions of a 152k vocabulary are 20 MB).
         single = new == 1 or (self.keeps_logits and int(feeds[LOGITS_TO_KEEP][0]) == 1)
-        key = (slot, rows, single)
+        key = (slot, rows, single, session is self.prompt_session)
         shared = self._shared.get(key)
         if shared is None or shared.past is not past:
             if any(kept.past is not past for (owner, *_), kept in self._shared.items() if owner == slot):
                 self.release(slot)  # bound to buffers the cache has since replaced
-            binding = self.session.io_binding()
+            binding = session.io_binding()
             device, device_id = self.binding_device or ("cpu", 0)
             logits = np.empty((rows, 1, self.vocab_size) if single else (0,), dtype=self._logits_dtype)
             # The logits first, so that get_outputs()[0] is them; an allocating binding is renewed every run below.
@@ -235,14 +250,15 @@ class Decoder:
             shared.binding.bind_cpu_input(name, value)
         if not single:  # a binding keeps the last run's output, which would then have to fit this run's shape
             shared.binding.bind_output("logits", "cpu")
-        self.session.run_with_iobinding(shared.binding)
+        session.run_with_iobinding(shared.binding)
         if single:
             return shared.logits, shared.past
         return shared.binding.get_outputs()[0].numpy(), shared.past
 
-    def _bound(self, feeds: dict[str, np.ndarray], past: list[KV]) -> tuple[np.ndarray, list[KV]]:
+    def _bound(self, feeds: dict[str, np.ndarray], past: list[KV],
+               session: ort.InferenceSession) -> tuple[np.ndarray, list[KV]]:
         device, device_id = self.binding_device or ("cpu", 0)
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output("logits", "cpu")  # first, so that get_outputs()[0] is the logits
@@ -252,6 +268,6 @@ class Decoder:
             else:
                 binding.bind_ortvalue_input(past_name, value)
             binding.bind_output(present_name, device, device_id)
-        self.session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
         return outputs[0].numpy(), list(outputs[1:])

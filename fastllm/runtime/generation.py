@@ -382,6 +382,7 @@ class GenerationEngine:
         of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
         done, past = pending.reused or (0, None)
         prompt = pending.request.prompt_ids
+        size = min(size, len(prompt) - done - 2)  # no one-token last step: see PrefixCache.match
         ids = prompt[: done + size]
         started = time.perf_counter()
         try:
@@ -571,7 +572,9 @@ class GenerationEngine:
 
     def _retain(self, keep: list[_Sequence]) -> None:
         rows = {id(s): i for i, s in enumerate(self._running)}
-        if self.prefix_cache is not None:  # a finished answer's KV serves the conversation's next turn
+        # A finished answer's KV serves the conversation's next turn; not where prompts run through a graph of their
+        # own: the next turn, prefilled without the cache, would compute those tokens through it, in other last bits.
+        if self.prefix_cache is not None and not self.decoder.has_prefill_graph:
             kept = {id(s) for s in keep}
             for seq in self._running:
                 if id(seq) not in kept and seq.finish_reason in ("stop", "length"):

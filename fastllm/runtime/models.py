@@ -141,11 +141,12 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
     served_id = config.served_model_name or manifest.name
     options = {"providers": runtime.providers, "provider_options": runtime.provider_options,
                "threads": runtime.threads}
+    decoder_options = {**options, "prefill_graph": runtime.prefill_graph}
     created = int((folder / manifest.onnx_file).stat().st_mtime) if (folder / manifest.onnx_file).exists() else 0
     if manifest.is_generative:
         # A draft model's session and this one take turns on the same cores: neither may spin while idle.
         decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, spinning=config.speculative != "draft",
-                          **options)
+                          **decoder_options)
         prefix_cache = PrefixCache(runtime.prefix_cache_mb * 2**20) if runtime.prefix_cache_mb else None
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
@@ -153,7 +154,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
             prefill_stall_ratio=runtime.prefill_stall_ratio,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
-            drafter=_drafter(config, tokenizer, models_dir, options),
+            drafter=_drafter(config, tokenizer, models_dir, decoder_options),
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)

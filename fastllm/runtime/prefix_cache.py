@@ -50,12 +50,14 @@ class PrefixCache:
         return len(self._blocks)
 
     def match(self, ids: list[int]) -> tuple[int, list[np.ndarray] | None]:
-        """The longest cached prefix of ``ids`` that leaves at least one token to compute (its logits are
-        the next token's), and its KV as a batch of one: ``(tokens, [1, heads, tokens, head_dim] per tensor)``."""
+        """The longest cached prefix of ``ids`` that leaves at least two tokens to compute (the last one's logits
+        are the next token's), and its KV as a batch of one: ``(tokens, [1, heads, tokens, head_dim] per tensor)``.
+        Two, because a one-token step takes other kernels than a prompt's (attention's single-query path,
+        MatMulNBits' one-row one), whose last bits differ, and the cache's answers must be those without it."""
         self.stats.queries += 1
         chain: list[_Block] = []
         keys: list[int] = []
-        for _, parent, tokens, key in self._chain(ids, (len(ids) - 1) // self.block):
+        for _, parent, tokens, key in self._chain(ids, (len(ids) - 2) // self.block):
             block = self._blocks.get(key)
             if block is None or block.parent != parent or block.tokens != tokens:  # a hash collision is a miss
                 break

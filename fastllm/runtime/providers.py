@@ -84,15 +84,19 @@ class LoadedSession:
     provider: str
 
 
-def session_options(threads: int, *, spinning: bool = True) -> Any:
+def session_options(threads: int, *, spinning: bool = True, spin_after_run: bool = True) -> Any:
     """``spinning``: whether idle intra-op threads spin waiting for work (ONNX Runtime's default, which saves
     the wake-up between a step's many small operators). Two sessions that take turns on the same cores, a
-    draft model's and its target's, must not: each one's spinning threads take the cores the other runs on."""
+    draft model's and its target's, must not: each one's spinning threads take the cores the other runs on.
+    ``spin_after_run=False`` keeps the spinning inside a run but stops it when the run returns: for a model's
+    two graphs (prompts and decode steps), which never run at once."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spin_after_run:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
@@ -140,6 +144,7 @@ def create_session(
     provider_options: dict[str, dict[str, Any]] | None = None,
     threads: int = 0,
     spinning: bool = True,
+    spin_after_run: bool = True,
 ) -> LoadedSession:
     """Create an InferenceSession on the best provider that actually starts."""
     import onnxruntime as ort
@@ -154,7 +159,7 @@ def create_session(
         try:
             session = ort.InferenceSession(
                 str(model_path),
-                sess_options=session_options(threads, spinning=spinning),
+                sess_options=session_options(threads, spinning=spinning, spin_after_run=spin_after_run),
                 providers=[(p, _option_values(provider_options.get(p, {}))) for p in chain],
                 # ORT's own fallback prints to stdout and jumps straight to CPU; this loop logs instead.
                 enable_fallback=0,

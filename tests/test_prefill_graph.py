@@ -1,0 +1,127 @@
+"""The int8 prompt graph of fused int4 exports: made and measured at export, used for prompts only, and giving a
+prompt's KV the same bits however the prompt is read (whole, in chunks, batched, after a cached prefix)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiny_models
+from conftest import tiny_export
+
+from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.errors import ExportError
+from fastllm.export.pipeline import ExportOptions, export
+from fastllm.manifest import read_manifest
+from fastllm.runtime.decoder import Decoder
+from fastllm.runtime.generation import GenerationRequest
+from fastllm.runtime.models import ServedModel, load_model
+from fastllm.runtime.sampling import SamplingParams
+
+
+def test_the_int4_export_has_a_prompt_graph_measured_against_pytorch(smollm2_fused_int4: Path) -> None:
+    manifest = read_manifest(smollm2_fused_int4)
+    assert manifest.prefill_file == "prefill.onnx"
+    assert {"prefill.onnx", "prefill.onnx.data"} <= set(manifest.files)
+    decode, prompt = manifest.quality, manifest.prefill_quality
+    assert decode is not None and prompt is not None
+    assert prompt.reference_perplexity == decode.reference_perplexity
+    # W8A8 with smoothing stays within a few percent of the int4 graph (measured: +0.5% on 2k tokens)
+    assert prompt.perplexity < decode.perplexity * 1.1
+    assert prompt.top1_agreement > decode.top1_agreement - 0.1
+
+
+def test_a_prompt_gives_the_same_bits_whole_in_chunks_and_batched(smollm2_fused_int4: Path) -> None:
+    decoder = Decoder(smollm2_fused_int4, read_manifest(smollm2_fused_int4), threads=1)
+    assert decoder.has_prefill_graph
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(100, 20000, 300)]
+    whole = decoder.prefill([prompt])
+    buffers, done = decoder.kv_buffers(len(prompt) + 8), 0
+    for size in (100, 8, 2, 190):  # chunk sizes the engine picks, down to its floor and below
+        out = decoder.prefill_after(prompt[: done + size], done, buffers, in_place=True)
+        buffers, done = out.present, done + size
+    assert np.array_equal(out.logits, whole.logits)
+    assert all(np.array_equal(b[:, :, : len(prompt)], w) for b, w in zip(buffers, whole.present, strict=True))
+    after_prefix = decoder.prefill_after(prompt, 200, [w[:, :, :200] for w in whole.present])
+    assert np.array_equal(after_prefix.logits, whole.logits)
+    batched = decoder.prefill([[int(t) for t in rng.integers(100, 20000, 37)], prompt])
+    assert np.array_equal(batched.logits[1], whole.logits[0])
+
+
+def test_prompts_go_through_the_prompt_graph_and_decode_steps_through_int4(smollm2_fused_int4: Path) -> None:
+    manifest = read_manifest(smollm2_fused_int4)
+    with_graph = Decoder(smollm2_fused_int4, manifest, threads=1)
+    without = Decoder(smollm2_fused_int4, manifest, threads=1, prefill_graph=False)
+    assert not without.has_prefill_graph
+    prompt = [1, 4093, 314, 253, 1345, 30, 2, 198, 1, 520, 9531, 198, 1780, 314, 260, 3575, 282, 4649, 47]
+    ours, theirs = with_graph.prefill([prompt]), without.prefill([prompt])
+    assert not np.array_equal(ours.logits, theirs.logits)  # int8 arithmetic, not the int4 graph's
+    assert int(ours.logits.argmax()) == int(theirs.logits.argmax())
+    # one decode step on the same KV: the same graph in both, so the same bits
+    token = np.asarray([[int(ours.logits.argmax())]], dtype=np.int64)
+    mask = np.ones((1, len(prompt) + 1), dtype=np.int64)
+    position = np.asarray([[len(prompt)]], dtype=np.int64)
+    step = [d.forward(token, mask, position, ours.present).logits for d in (with_graph, without)]
+    assert np.array_equal(step[0], step[1])
+
+
+def _greedy(model: ServedModel, prompt: list[int], tokens: int) -> tuple[list[int], int]:
+    async def run() -> tuple[list[int], int]:
+        ids, cached = [], 0
+        request = GenerationRequest(prompt_ids=prompt, params=SamplingParams(temperature=0.0), max_tokens=tokens,
+                                    ignore_eos=True)
+        async for step in model.generator.generate(request):
+            for delta in step:
+                ids += delta.token_ids
+                cached = max(cached, delta.cached_tokens)
+        return ids, cached
+
+    return asyncio.run(run())
+
+
+def test_the_next_turn_reuses_the_prompt_and_answers_as_without_the_cache(smollm2_fused_int4: Path) -> None:
+    """An answer's KV came from decode steps, whose last bits differ from the prompt graph's for the same tokens:
+    the next turn reuses its own earlier prompt and reads the answer again, so its tokens equal the cache-off ones."""
+    def load(prefix_cache_mb: int) -> ServedModel:
+        return load_model(ModelConfig(model_id=str(smollm2_fused_int4)),
+                          RuntimeConfig(threads=1, prefix_cache_mb=prefix_cache_mb), smollm2_fused_int4.parent)
+
+    off, on = load(0), load(64)
+    try:
+        encode = on.tokenizer.encode
+        first = encode("<|im_start|>system\n" + "You answer briefly and precisely. " * 8 + "<|im_end|>\n"
+                       "<|im_start|>user\nTell me about the sea.<|im_end|>\n<|im_start|>assistant\n",
+                       add_special_tokens=False)
+        answer, _ = _greedy(on, first, tokens=24)
+        second = [*first, *answer, *encode("<|im_end|>\n<|im_start|>user\nAnd rivers?<|im_end|>\n",
+                                           add_special_tokens=False)]
+        expected, _ = _greedy(off, second, tokens=16)
+        got, cached = _greedy(on, second, tokens=16)
+        assert got == expected
+        block = on.generator.prefix_cache.block
+        assert cached == len(first) // block * block > 0
+    finally:
+        off.close()
+        on.close()
+
+
+def test_serving_can_leave_the_prompt_graph_unloaded(smollm2_fused_int4: Path) -> None:
+    model = load_model(ModelConfig(model_id=str(smollm2_fused_int4)), RuntimeConfig(threads=1, prefill_graph=False),
+                       smollm2_fused_int4.parent)
+    try:
+        assert not model.generator.decoder.has_prefill_graph
+    finally:
+        model.close()
+
+
+def test_exports_choose_the_prompt_graph() -> None:
+    assert read_manifest(tiny_export("llama", graph="fused", quantize="int4")).prefill_file == "prefill.onnx"
+    none = tiny_export("llama", graph="fused", quantize="int4", prefill_graph="none")
+    assert read_manifest(none).prefill_file == "" and not (none / "prefill.onnx").exists()
+    assert read_manifest(tiny_export("llama", graph="fused")).prefill_file == ""  # fp32: nothing to win
+    with pytest.raises(ExportError, match="--prefill-graph int8 goes with"):
+        export(ExportOptions(source=str(tiny_models.build("llama")), graph="optimum", quantize="int4",
+                             prefill_graph="int8"))
