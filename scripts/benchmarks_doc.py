@@ -71,10 +71,15 @@ def _page(path: Path) -> list[str]:
 
 def main() -> None:
     results, docs = Path(sys.argv[1]), Path(sys.argv[2])
-    runs = [run for path in sorted(results.glob("server-*.json")) for run in read_report(path).runs]
+    reports = [read_report(path) for path in sorted(results.glob("server-*.json"))]
+    runs = [run for found in reports for run in found.runs]
+    # The page can be composed again after one part ran anew (SKIP=...): each part's run is dated.
+    dated = [f"this folder's server runs {min(r.created for r in reports)[:16]}"] if reports else []
     peer_page = docs / "benchmarks-llama-server.json"
     if peer_page.is_file():
-        runs += read_report(peer_page).runs
+        peer = read_report(peer_page)
+        runs += peer.runs
+        dated.append(f"llama-server page {peer.created[:16]}")
     report = Report.new(runs)
     write_json(report, docs / "benchmarks.json")
     plot(report, docs / "benchmarks.png")
@@ -168,7 +173,8 @@ def main() -> None:
         "this page). **Figures are comparable only within one run on one machine**: rerun it on yours.",
         "",
         f"- Machine: {report.machine.cpu}, **{report.machine.cores} cores**, {report.machine.system}, "
-        f"Python {report.machine.python}; run {report.created}, FastLLM commit {commit}.",
+        f"Python {report.machine.python}; composed {report.created[:16]} at FastLLM commit {commit} from runs "
+        f"at: {', '.join(dated)} (engine level, profile and structured outputs with this folder's server runs).",
         f"- Model: SmolLM2-135M-Instruct from the same Q4_1 GGUF for everyone; {ours[0]['prompt_tokens']}-token "
         f"prompt and {ours[0]['new_tokens']} new tokens at engine level, greedy.",
         "- Server level: `fastllm bench`, streamed chat completions, `max_tokens` fixed with `ignore_eos` and end "
