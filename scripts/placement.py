@@ -25,13 +25,14 @@ from fastllm.runtime.providers import choose_providers, session_options
 
 def placement(folder: Path, providers: str | list[str], steps: int) -> dict[str, object]:
     manifest = read_manifest(folder)
-    decoder = Decoder(folder, manifest, providers=providers)
+    decoder = Decoder(folder, manifest, providers=providers, prefill_graph=False)  # one session to profile
     options = session_options(0)
     options.enable_profiling = True
     options.profile_file_prefix = f"/tmp/placement-{folder.name}"
     chain = choose_providers(providers, ort.get_available_providers())
     # The same graph and options as the decoder's session, with profiling on: ORT cannot start it later.
-    decoder.session = ort.InferenceSession(str(folder / manifest.onnx_file), options, providers=chain)
+    decoder.session = decoder.prompt_session = ort.InferenceSession(str(folder / manifest.onnx_file), options,
+                                                                     providers=chain)
     tokens = greedy_tokens(decoder, [(7 * i) % 50 + 5 for i in range(32)])
     for _ in range(steps):
         next(tokens)

@@ -28,8 +28,8 @@ from fastllm.runtime.kv_cache import BatchCache
 def profile(folder: Path, batch: int, context: int, steps: int, threads: int) -> dict[str, object]:
     base = providers.session_options
 
-    def profiled(threads: int, *, spinning: bool = True):
-        options = base(threads, spinning=spinning)
+    def profiled(threads: int, **kwargs: object):
+        options = base(threads, **kwargs)
         options.enable_profiling = True
         options.profile_file_prefix = f"/tmp/fastllm-profile-{folder.name}-b{batch}"
         return options

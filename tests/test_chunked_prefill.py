@@ -79,13 +79,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str, 
     assert during - before >= chunks
 
 
-def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path) -> None:
+@pytest.mark.parametrize("prefill_graph", [True, False])
+def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path, prefill_graph: bool) -> None:
     """A prompt read in chunks into buffers sized for all of it (graphs that share KV buffers) ends with the
-    logits of one whole prefill, bit for bit, from any starting point (a cached prefix)."""
+    logits of one whole prefill, bit for bit, from any starting point (a cached prefix); through the int8 prompt
+    graph and through the int4 graph (GPUs, prefill_graph = false)."""
     from fastllm.manifest import read_manifest
     from fastllm.runtime.decoder import Decoder
 
-    decoder = Decoder(smollm2_fused_int4, read_manifest(smollm2_fused_int4), threads=1)
+    decoder = Decoder(smollm2_fused_int4, read_manifest(smollm2_fused_int4), threads=1, prefill_graph=prefill_graph)
+    assert decoder.has_prefill_graph == prefill_graph
     assert decoder.shares_kv
     prompt = list(range(1000, 1300))
     whole = decoder.prefill([prompt])
@@ -126,6 +129,25 @@ def test_chunk_size_follows_the_stall_ratio(smollm2_fp32: Path) -> None:
         engine._chunk_seconds_per_token = 0.001
         assert engine._chunk_tokens() == 256
     finally:
+        model.close()
+
+
+def test_a_chunk_never_leaves_a_one_token_last_step(smollm2_fused_int4: Path) -> None:
+    """A one-token step rounds otherwise than a multi-token one (see PrefixCache.match): the chunk before the
+    last stops short so that at least two tokens remain."""
+    from fastllm.runtime.generation import _Pending
+
+    model = _load(smollm2_fused_int4, prefix_cache_mb=0)
+    loop = asyncio.new_event_loop()
+    try:
+        engine = model.generator
+        pending = _Pending(_request(list(range(1000, 1300)), 1), loop)
+        pending.reused = (0, None)
+        engine._prefill_chunk(pending, 299)  # would leave one token
+        assert pending.reused is not None and pending.reused[0] == 298
+        engine.decoder.release("prefill")
+    finally:
+        loop.close()
         model.close()
 
 

@@ -183,9 +183,22 @@ def _prefill_graph_fits(options: ExportOptions) -> bool:
 
 
 def _prefill_graph(options: ExportOptions, onnx_path: Path, tokenizer_file: Path, context_length: int) -> Path | None:
+    """The prompt graph where wanted. Under ``auto`` it is an extra: a failure to build it leaves the export
+    without one (and says why); asked for by name, it must be built."""
     if not _prefill_graph_fits(options) or not prefill_graph.wanted(options.prefill_graph, onnx_path):
         return None
-    return prefill_graph.build(onnx_path, tokenizer_file, context_length)
+    try:
+        built = prefill_graph.build(onnx_path, tokenizer_file, context_length)
+    except Exception as exc:
+        if options.prefill_graph == "int8":
+            raise ExportError(f"could not build the int8 prompt graph: {exc}") from exc
+        log.warning("no int8 prompt graph (prompts will run through the int4 graph): %s", exc)
+        for leftover in onnx_path.parent.glob(prefill_graph.PREFILL_ONNX + "*"):
+            leftover.unlink()
+        return None
+    if built is None and options.prefill_graph == "int8":
+        raise ExportError("--prefill-graph int8: this graph has no symmetric int4 weights to convert")
+    return built
 
 
 def working_dtype(options: ExportOptions) -> str:

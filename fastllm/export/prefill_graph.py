@@ -16,7 +16,8 @@ between tokens and between channels, and that alone cost SmolLM2 5% perplexity. 
     quantization of a row never depends on the other rows in the step: a prompt gives the same keys and values
     read whole, in chunks, or after a cached prefix (the prefix cache's token-exact reuse rests on it).
 The int8 weights come from the int4 graph's own (dequantized, then per output channel), so the graph needs nothing
-but ``model.onnx``; requantizing cost nothing measurable (perplexity 18.80 -> 18.82, Qwen2.5-Coder-0.5B).
+but ``model.onnx`` and the tokenizer (for the calibration text); requantizing cost nothing measurable (perplexity
+18.80 -> 18.82, Qwen2.5-Coder-0.5B).
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def build(model_path: Path, tokenizer_file: Path, context_length: int) -> Path |
 
     folder = model_path.parent
     graph_only = onnx.load(str(model_path), load_external_data=False)
-    targets = [n.name for n in graph_only.graph.node if _convertible(n)]
-    if not targets:
+    initializers = {t.name for t in graph_only.graph.initializer}
+    targets = [n.name for n in graph_only.graph.node if _convertible(n, initializers)]
+    names = [n.name for n in graph_only.graph.node]
+    if not targets or "" in targets or len(set(names)) != len(names):  # the rewrite finds nodes by name
         return None
     maxima = _calibrate(graph_only, folder, tokenizer_file, targets, context_length)
     model = onnx.load(str(model_path))
@@ -96,11 +99,13 @@ def build(model_path: Path, tokenizer_file: Path, context_length: int) -> Path |
     return out
 
 
-def _convertible(node: Any) -> bool:
-    """4-bit, symmetric (no zero points), not the lm_head (a prompt needs one row of logits: int4 is fine there)."""
+def _convertible(node: Any, initializers: set[str]) -> bool:
+    """4-bit, symmetric (no zero points), weights held in the file, not the lm_head (a prompt needs one row of
+    logits: int4 is fine there)."""
     from onnx import helper
 
-    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or "logits" in node.output:
+    if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or "logits" in node.output or \
+            not set(node.input[1:3]) <= initializers:
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     no_zero_points = len(node.input) < 4 or not node.input[3]
@@ -159,12 +164,13 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
     graph = model.graph
     tensors = {t.name: t for t in graph.initializer}
     nodes = {n.name: n for n in graph.node}
-    weights = {name: _dequantized(nodes[name], tensors) for name in targets}
-    # one smoothing per input, shared by the weights that read it (gate and up): their largest row magnitudes
+    # One smoothing per input, shared by the weights that read it (q/k/v, gate and up): their largest row
+    # magnitudes. Weights are dequantized one at a time, here and again below, so that a 3B model's fp32 copy
+    # never exists whole (as export/fused_int4.py quantizes them).
     peaks: dict[str, np.ndarray] = {}
     for name in targets:
         source = nodes[name].input[0]
-        peaks[source] = np.maximum(peaks.get(source, 0), np.abs(weights[name]).max(axis=1))
+        peaks[source] = np.maximum(peaks.get(source, 0), np.abs(_dequantized(nodes[name], tensors)).max(axis=1))
     smoothing = {source: np.clip(np.power(np.maximum(maxima[source], 1e-5), SMOOTHING)
                                  / np.power(np.maximum(peak, 1e-5), 1 - SMOOTHING), 1e-3, 1e3).astype(np.float32)
                  for source, peak in peaks.items()}
@@ -184,7 +190,7 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
             rewritten.extend(_row_quantizable(source, smoothing[source], added))
             prepared[source] = (f"{source}/w8a8/ranged", f"{source}/w8a8/row_peak")
         ranged, row_peak = prepared[source]
-        weight = weights.pop(node.name) * smoothing[source][:, None]
+        weight = _dequantized(node, tensors) * smoothing[source][:, None]
         column_scale = np.abs(weight).max(axis=0) / 127
         column_scale[column_scale == 0] = 1
         quantized = np.zeros((weight.shape[0] + 2, weight.shape[1]), dtype=np.int8)  # + the range columns' rows

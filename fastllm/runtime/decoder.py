@@ -1,6 +1,7 @@
 """One forward pass of an exported decoder graph (optimum's ``text-generation-with-past`` layout).
 
-The same graph serves prefill (many new tokens, empty past) and decode (one new token per row). The
+The same graph serves prefill (many new tokens, empty past) and decode (one new token per row), except where
+the export has a prompt graph (export/prefill_graph.py), which then reads prompts on the CPU. The
 graph concatenates past and new keys/values itself, so ``present`` of one step is fed back unchanged
 as ``past`` of the next: no copies on our side between steps.
 

@@ -129,7 +129,8 @@ def _drafter(config: ModelConfig, tokenizer: Tokenizer, models_dir: Path, option
     if Tokenizer(folder).vocabulary() != tokenizer.vocabulary():
         raise ModelLoadError(f"draft model {config.draft_model} does not share {config.model_id}'s tokenizer: "
                              "its token ids would mean other text")
-    decoder = Decoder(folder, manifest, spinning=False, **options)
+    # It catches up on a prompt in small steps through its decode graph: a prompt graph would only hold memory.
+    decoder = Decoder(folder, manifest, spinning=False, prefill_graph=False, **options)
     log.info("speculative decoding for %s drafts with %s (%s, %s)", config.model_id, manifest.name,
              manifest.quantization, decoder.provider)
     return ModelDrafter(decoder, config.speculative_tokens, manifest.context_length)
@@ -154,7 +155,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
             prefill_stall_ratio=runtime.prefill_stall_ratio,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
-            drafter=_drafter(config, tokenizer, models_dir, decoder_options),
+            drafter=_drafter(config, tokenizer, models_dir, options),
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,
                                           eos_token=tokenizer.eos_token)

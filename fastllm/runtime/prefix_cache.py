@@ -1,6 +1,7 @@
 """Prefix caching: the KV of prompts and of finished answers kept after their requests, reused token-exactly by
 later prompts that start the same way (a system prompt, tool definitions, a chat's history with the answer the
-model gave, few-shot examples).
+model gave, few-shot examples). Answers only where one graph reads prompts and decodes (see
+GenerationEngine._retain).
 
 The store holds fixed-size blocks of ``block`` tokens, as vLLM's automatic prefix caching does: a block is
 found by its tokens and its parent block (the whole prefix before it), so two prompts share exactly the blocks
@@ -53,7 +54,8 @@ class PrefixCache:
         """The longest cached prefix of ``ids`` that leaves at least two tokens to compute (the last one's logits
         are the next token's), and its KV as a batch of one: ``(tokens, [1, heads, tokens, head_dim] per tensor)``.
         Two, because a one-token step takes other kernels than a prompt's (attention's single-query path,
-        MatMulNBits' one-row one), whose last bits differ, and the cache's answers must be those without it."""
+        MatMulNBits' one-row one), which round otherwise: a prompt's last tokens must not be computed one way
+        with the cache and another without it."""
         self.stats.queries += 1
         chain: list[_Block] = []
         keys: list[int] = []
