@@ -3,22 +3,20 @@ prompt's KV the same bits however the prompt is read (whole, in chunks, batched,
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tiny_models
 from conftest import tiny_export
+from test_prefix_cache import _greedy
 
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import ExportError
 from fastllm.export.pipeline import ExportOptions, export
 from fastllm.manifest import read_manifest
 from fastllm.runtime.decoder import Decoder
-from fastllm.runtime.generation import GenerationRequest
 from fastllm.runtime.models import ServedModel, load_model
-from fastllm.runtime.sampling import SamplingParams
 
 
 def test_the_int4_export_has_a_prompt_graph_measured_against_pytorch(smollm2_fused_int4: Path) -> None:
@@ -66,20 +64,6 @@ def test_prompts_go_through_the_prompt_graph_and_decode_steps_through_int4(smoll
     position = np.asarray([[len(prompt)]], dtype=np.int64)
     step = [d.forward(token, mask, position, ours.present).logits for d in (with_graph, without)]
     assert np.array_equal(step[0], step[1])
-
-
-def _greedy(model: ServedModel, prompt: list[int], tokens: int) -> tuple[list[int], int]:
-    async def run() -> tuple[list[int], int]:
-        ids, cached = [], 0
-        request = GenerationRequest(prompt_ids=prompt, params=SamplingParams(temperature=0.0), max_tokens=tokens,
-                                    ignore_eos=True)
-        async for step in model.generator.generate(request):
-            for delta in step:
-                ids += delta.token_ids
-                cached = max(cached, delta.cached_tokens)
-        return ids, cached
-
-    return asyncio.run(run())
 
 
 def test_the_next_turn_reuses_the_prompt_and_answers_as_without_the_cache(smollm2_fused_int4: Path) -> None:
