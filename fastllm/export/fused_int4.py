@@ -138,3 +138,11 @@ def weight_by_weight() -> Iterator[None]:
         yield
     finally:
         base.Model.to_int4 = original  # type: ignore[method-assign]
+
+
+def dequantize(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """The (K, N) float32 weight that ``_quantize``'s packed uint8 (N, K/block, block/2) and scales stand for: the
+    low nibble first, zero point 8 (export/prefill_graph.py reads the int4 graph's weights back with it)."""
+    n, blocks, half = packed.shape
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, 2 * half).astype(np.float32) - 8
+    return (values * scales.astype(np.float32).reshape(n, blocks, 1)).reshape(n, -1)[:, :k].T

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from fastllm.export.fused_int4 import dequantize
+
 log = logging.getLogger(__name__)
 
 PREFILL_ONNX = "prefill.onnx"
@@ -151,11 +153,8 @@ def _dequantized(node: Any, tensors: dict[str, Any]) -> np.ndarray:
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-    blocks = (k + block - 1) // block
-    packed = numpy_helper.to_array(tensors[node.input[1]]).reshape(n, blocks, block // 2)
-    scales = numpy_helper.to_array(tensors[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, blocks, block).astype(np.float32) - 8
-    return (values * scales).reshape(n, blocks * block)[:, :k].T
+    packed = numpy_helper.to_array(tensors[node.input[1]]).reshape(n, (k + block - 1) // block, block // 2)
+    return dequantize(packed, numpy_helper.to_array(tensors[node.input[2]]), k)
 
 
 def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> None:

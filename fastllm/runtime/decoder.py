@@ -71,8 +71,8 @@ class Decoder:
         if prefill_path is not None and self.provider == "CPUExecutionProvider":
             self.prompt_session = create_session(prefill_path, requested=["CPUExecutionProvider"],
                                                  threads=threads, spinning=spinning, spin_after_run=False).session
-        # Its keys and values differ in the last bits from what a decode step computes for the same tokens, so
-        # the prefix cache keeps only what prompts computed (see GenerationEngine._retain).
+        # Its keys and values, another quantization's, differ from what a decode step computes for the same
+        # tokens, so the prefix cache keeps only what prompts computed (see GenerationEngine._retain).
         self.has_prefill_graph = self.prompt_session is not self.session
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
