@@ -103,13 +103,25 @@ def run(settings: Settings, *, replicas: int, max_ongoing_requests: int = 32, nu
         # A single-node instance stays on loopback. Ray otherwise swaps 127.0.0.1 for the machine's
         # routable address; this switch (read at import, inherited by Ray's processes) keeps it local.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Serve's controller gives a starting proxy actor 5 s to report ready (then 10, 15, ...) and kills
+        # it when it misses; on a loaded small machine importing the proxy takes longer, and serve.start
+        # fails with ActorDiedError. A proxy that is merely slow is given a minute.
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+        os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
     import ray
     from ray import serve
 
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
              **({"_node_ip_address": "127.0.0.1"} if local else {}))
     try:
-        serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+        for attempt in range(3):  # serve.start waits a fixed 60 s for the proxy; a slow one is waited for again
+            try:
+                serve.start(http_options={"host": settings.server.host, "port": settings.server.port})
+                break
+            except TimeoutError:
+                if attempt == 2:
+                    raise
+                log.warning("Ray Serve's HTTP proxy is not ready after 60 s; waiting again")
         serve.run(deployment(settings, replicas=replicas, max_ongoing_requests=max_ongoing_requests,
                              num_cpus=num_cpus), name="fastllm", route_prefix="/")
         log.info("Ray Serve: %d replicas on http://%s:%s", replicas, settings.server.host, settings.server.port)

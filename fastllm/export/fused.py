@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 # Architectures the builder supports and we test; others keep optimum's graph.
 FUSED_ARCHITECTURES = frozenset({"llama", "mistral", "qwen2", "phi3", "gemma", "gemma3_text", "qwen3", "granite",
                                  "smollm3"})
-# int4: int8 compute (accuracy level 4), --block-size weights per scale, and the embedding table quantized too and
-# shared with the lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
-_INT4_OPTIONS = {"int4_accuracy_level": "4", "int4_op_types_to_quantize": "MatMul/Gather",
-                 "int4_algo_config": "rtn", "shared_embeddings": "true"}
+# int4: int8 compute (accuracy level 4), --block-size weights per scale and zero point (asymmetric: see
+# fused_int4; a bool, which create_model takes as is), and the embedding table quantized too and shared with the
+# lm_head (GatherBlockQuantized), which keeps an fp32 vocabulary table out of the file.
+_INT4_OPTIONS: dict[str, Any] = {"int4_accuracy_level": "4", "int4_op_types_to_quantize": "MatMul/Gather",
+                                 "int4_is_symmetric": False, "int4_algo_config": "rtn", "shared_embeddings": "true"}
 # int4 for GPUs (--dtype fp16 --quantize int4): fp16 activations, because CUDA's GroupQueryAttention has
 # no fp32 kernel (an fp32 graph would run its attention on the CPU, copying the cache every step).
 _GPU_INT4_OPTIONS = {"int4_algo_config": "rtn"}

@@ -102,16 +102,16 @@ def build(model_path: Path, tokenizer_file: Path, context_length: int) -> Path |
 
 
 def _convertible(node: Any, initializers: set[str]) -> bool:
-    """4-bit, symmetric (no zero points), weights held in the file, not the lm_head (a prompt needs one row of
-    logits: int4 is fine there)."""
+    """4-bit, weights (and zero points, where there are) held in the file, not the lm_head (a prompt needs one
+    row of logits: int4 is fine there)."""
     from onnx import helper
 
     if node.op_type != "MatMulNBits" or node.domain != "com.microsoft" or "logits" in node.output or \
             not set(node.input[1:3]) <= initializers:
         return False
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    no_zero_points = len(node.input) < 4 or not node.input[3]
-    return attrs.get("bits") == 4 and no_zero_points and len(node.input) < 5
+    zero_points_held = len(node.input) < 4 or not node.input[3] or node.input[3] in initializers
+    return attrs.get("bits") == 4 and zero_points_held and len(node.input) < 5
 
 
 def _calibrate(graph_only: Any, folder: Path, tokenizer_file: Path, targets: list[str],
@@ -154,7 +154,8 @@ def _dequantized(node: Any, tensors: dict[str, Any]) -> np.ndarray:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
     packed = numpy_helper.to_array(tensors[node.input[1]]).reshape(n, (k + block - 1) // block, block // 2)
-    return dequantize(packed, numpy_helper.to_array(tensors[node.input[2]]), k)
+    zero_points = numpy_helper.to_array(tensors[node.input[3]]) if len(node.input) > 3 and node.input[3] else None
+    return dequantize(packed, numpy_helper.to_array(tensors[node.input[2]]), k, zero_points)
 
 
 def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> None:
