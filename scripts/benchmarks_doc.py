@@ -185,6 +185,10 @@ def main() -> None:
         "batching), built from source, on the GGUF requantized to Q4_0 (its fastest CPU format) and on the "
         "original file (`scripts/bench_llama_server.sh`, whose page's runs are in the table and plot below). "
         "llama-cpp-python's server, which serves one request at a time, is kept as a row marked serial.",
+        "- Like with like: FastLLM's int4 and llama.cpp's Q4_0 of the same GGUF score alike (perplexity over 2,048 "
+        "tokens of this repo's Python, 2026-12-01: SmolLM2 23.9 vs 23.3, Qwen2.5-Coder-0.5B 13.0 vs 13.0; fp32 "
+        "18.4 and 12.1). Runs dated before 2026-12-01T23:00 served the earlier symmetric int4 (29.2 and 13.7), "
+        "which decodes at the same speed.",
         "- The sections after the engine level are pages of their own, written by their scripts in the same "
         "`scripts/benchmarks.sh` run unless it was told to skip them: long prompts "
         "([benchmarks-long-prompts.md](benchmarks-long-prompts.md)) and embeddings against Infinity "
