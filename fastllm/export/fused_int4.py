@@ -3,11 +3,11 @@
 The GenAI builder quantizes at the very end: it serializes the whole fp32 graph into one ``ModelProto``
 (``ir.to_proto``), hands that to ONNX Runtime's ``MatMulNBitsQuantizer`` and parses the result back. While
 that runs, the builder's PyTorch model, the fp32 protobuf and the quantizer's float64 temporaries are all
-alive: 3.4× the model's fp32 size at the peak (22 GB for a 1.5B model). Here the same quantization — RTN,
-symmetric, blocks along K, ONNX Runtime's own formulas, the same initializer and node names the builder's
-shared-embedding ``GatherBlockQuantized`` refers to — runs on the builder's in-memory graph weight by weight,
-in slices of output channels, so only the quantized weights and one fp32 slice exist besides the PyTorch
-model. Symmetric, the graph that comes out is the one ``to_int4`` would have made, bit for bit (tested).
+alive: 3.4× the model's fp32 size at the peak (22 GB for a 1.5B model). Here the builder's layout — blocks
+along K, the same initializer and node names its shared-embedding ``GatherBlockQuantized`` refers to — is
+written on the builder's in-memory graph weight by weight, in slices of output channels, so only the quantized
+weights and one fp32 slice exist besides the PyTorch model. Symmetric, the arithmetic is ONNX Runtime's own and
+the graph that comes out is the one ``to_int4`` would have made, bit for bit (tested).
 
 Asymmetric (the CPU int4 default) it is better than the builder's: each block's scale is searched (the
 builder's RTN takes max-min over 15, ONNX Runtime's k-quant fits a continuous minimum and then rounds the zero
@@ -61,11 +61,7 @@ def quantize_weights(builder: Any) -> Any:
         if weight is None or not weight.is_initializer() or weight.const_value is None or \
                 len(weight.const_value.shape) != 2:
             continue
-        if symmetric:
-            packed, scales = _quantize(weight.const_value.numpy(), block)
-            zero_points = None
-        else:
-            packed, scales, zero_points = _quantize_asymmetric(weight.const_value.numpy(), block)
+        packed, scales, zero_points = _quantize(weight.const_value.numpy(), block, symmetric=symmetric)
         k, n = weight.const_value.shape
         q_value = _initializer(builder, graph, f"{weight.name}_Q4G{block}", ir.tensor(packed))
         s_value = _initializer(builder, graph, f"{weight.name}_scale", ir.tensor(scales.astype(
@@ -108,65 +104,57 @@ def _initializer(builder: Any, graph: Any, name: str, tensor: Any) -> Any:
     return value
 
 
-def _quantize(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """RTN symmetric int4 of a (K, N) MatMul weight in MatMulNBits' layout: packed uint8 (N, K/block, block/2)
-    and scales (N, K/block). The arithmetic is ONNX Runtime's ``quant_tensor`` (float64 scales, zero point 8),
-    done over slices of output channels."""
+def _quantize(weight: np.ndarray, block: int, *, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """int4 of a (K, N) MatMul weight in MatMulNBits' layout, over slices of output channels: packed uint8
+    (N, K/block, block/2), scales (N, K/block), and for asymmetric blocks zero points packed two to a byte, low
+    nibble first (N, ceil(K/block / 2)). Zero padding past K is exact either way: it quantizes to the zero point."""
     k, n = weight.shape
     blocks = (k + block - 1) // block
     packed = np.empty((n, blocks, block // 2), dtype=np.uint8)
     scales = np.empty((n, blocks), dtype=np.float64)
+    zero_points = None if symmetric else np.full((n, blocks + blocks % 2), 8, dtype=np.uint8)
     for start in range(0, n, _SLICE_ROWS):
         stop = min(n, start + _SLICE_ROWS)
         rows = np.zeros((stop - start, blocks * block), dtype=np.float32)
         rows[:, :k] = weight[:, start:stop].T
-        groups = rows.reshape(-1, block)
-        peak = np.maximum(np.abs(groups.min(axis=1, keepdims=True)), np.abs(groups.max(axis=1, keepdims=True)))
-        scale = np.ones(peak.shape)
-        mask = peak > 0
-        scale[mask] = (peak[mask] * 2.0).astype(np.float64) / 15
-        q = np.clip(np.round(groups / scale + 8), 0, 15).astype(np.uint8)
-        pairs = q[:, ::2] | q[:, 1::2] << 4
-        packed[start:stop] = pairs.reshape(stop - start, blocks, block // 2)
-        scales[start:stop] = scale.reshape(stop - start, blocks)
-    return packed, scales
-
-
-def _quantize_asymmetric(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """int4 with a zero point per block, each block's scale the best of ``_SCALE_FACTORS`` by squared error, in
-    MatMulNBits' layout: packed uint8 (N, K/block, block/2), scales (N, K/block), and zero points packed two to
-    a byte, low nibble first (N, ceil(K/block / 2)). A checkpoint that was already 4-bit with a minimum per block
-    (GGUF's Q4_1, Q4_K) lies on a grid whose offset no integer zero point hits: the search finds the scale that
-    misses it least."""
-    k, n = weight.shape
-    blocks = (k + block - 1) // block
-    packed = np.empty((n, blocks, block // 2), dtype=np.uint8)
-    scales = np.empty((n, blocks), dtype=np.float32)
-    zero_points = np.full((n, blocks + blocks % 2), 8, dtype=np.uint8)
-    for start in range(0, n, _SLICE_ROWS):
-        stop = min(n, start + _SLICE_ROWS)
-        groups = np.zeros((stop - start, blocks * block), dtype=np.float32)
-        groups[:, :k] = weight[:, start:stop].T
-        groups = groups.reshape(-1, block)  # zero padding is exact: it quantizes to the zero point
-        low = np.minimum(groups.min(axis=1, keepdims=True), 0)
-        span = np.maximum(groups.max(axis=1, keepdims=True), 0) - low
-        base = np.where(span > 0, span / 15, 1).astype(np.float32)
-        best_error = np.full(base.shape, np.inf, dtype=np.float32)
-        best_scale, best_zero = base.copy(), np.zeros_like(base)
-        for factor in _SCALE_FACTORS:
-            scale = base * factor
-            zero = np.clip(np.round(-low / scale), 0, 15)
-            q = np.clip(np.round(groups / scale + zero), 0, 15)
-            error = np.square((q - zero) * scale - groups).sum(axis=1, keepdims=True)
-            better = error < best_error
-            best_error = np.where(better, error, best_error)
-            best_scale = np.where(better, scale, best_scale)
-            best_zero = np.where(better, zero, best_zero)
-        q = np.clip(np.round(groups / best_scale + best_zero), 0, 15).astype(np.uint8)
+        q, scale, zero = _symmetric_blocks(rows.reshape(-1, block)) if symmetric else \
+            _searched_blocks(rows.reshape(-1, block))
         packed[start:stop] = (q[:, ::2] | q[:, 1::2] << 4).reshape(stop - start, blocks, block // 2)
-        scales[start:stop] = best_scale.reshape(stop - start, blocks)
-        zero_points[start:stop, :blocks] = best_zero.reshape(stop - start, blocks).astype(np.uint8)
-    return packed, scales, zero_points[:, ::2] | zero_points[:, 1::2] << 4
+        scales[start:stop] = scale.reshape(stop - start, blocks)
+        if zero_points is not None:
+            zero_points[start:stop, :blocks] = zero.reshape(stop - start, blocks)
+    return packed, scales, None if zero_points is None else zero_points[:, ::2] | zero_points[:, 1::2] << 4
+
+
+def _symmetric_blocks(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, None]:
+    """RTN symmetric, zero point 8: ONNX Runtime's ``quant_tensor`` arithmetic (float64 scales), the builder's."""
+    peak = np.maximum(np.abs(groups.min(axis=1, keepdims=True)), np.abs(groups.max(axis=1, keepdims=True)))
+    scale = np.ones(peak.shape)
+    mask = peak > 0
+    scale[mask] = (peak[mask] * 2.0).astype(np.float64) / 15
+    return np.clip(np.round(groups / scale + 8), 0, 15).astype(np.uint8), scale, None
+
+
+def _searched_blocks(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A zero point per block, each block's scale the best of ``_SCALE_FACTORS`` by squared error. A checkpoint
+    that was already 4-bit with a minimum per block (GGUF's Q4_1, Q4_K) lies on a grid whose offset no integer
+    zero point hits: the search finds the scale that misses it least."""
+    low = np.minimum(groups.min(axis=1, keepdims=True), 0)
+    span = np.maximum(groups.max(axis=1, keepdims=True), 0) - low
+    base = np.where(span > 0, span / 15, 1).astype(np.float32)
+    best_error = np.full(base.shape, np.inf, dtype=np.float32)
+    best_scale, best_zero = base.copy(), np.zeros_like(base)
+    for factor in _SCALE_FACTORS:
+        scale = base * factor
+        zero = np.clip(np.round(-low / scale), 0, 15)
+        q = np.clip(np.round(groups / scale + zero), 0, 15)
+        error = np.square((q - zero) * scale - groups).sum(axis=1, keepdims=True)
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    q = np.clip(np.round(groups / best_scale + best_zero), 0, 15).astype(np.uint8)
+    return q, best_scale, best_zero.astype(np.uint8)
 
 
 def builder_base() -> ModuleType:

@@ -197,7 +197,7 @@ def _prefill_graph(options: ExportOptions, onnx_path: Path, tokenizer_file: Path
             leftover.unlink()
         return None
     if built is None and options.prefill_graph == "int8":
-        raise ExportError("--prefill-graph int8: this graph has no symmetric int4 weights to convert")
+        raise ExportError("--prefill-graph int8: this graph has no int4 weights to convert")
     return built
 
 
