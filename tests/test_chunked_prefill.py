@@ -11,6 +11,7 @@ import pytest
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.runtime.generation import GenerationRequest
 from fastllm.runtime.models import ServedModel, load_model
+from fastllm.runtime.prefix_cache import PrefixCache
 from fastllm.runtime.sampling import SamplingParams
 
 
@@ -92,10 +93,11 @@ def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path
     assert decoder.shares_kv
     prompt = list(range(1000, 1300))
     whole = decoder.prefill([prompt])
-    cached = decoder.prefill([prompt[:37]])
-    for start, past in ((0, None), (37, [p[:, :, :37] for p in cached.present])):
-        buffers = decoder.kv_buffers(len(prompt), past)
-        done = start
+    store = PrefixCache(2**30)  # the buffers of a cached prefix are the ones the prefix store fills (32 tokens)
+    store.store(prompt[:37], [p[0] for p in decoder.prefill([prompt[:37]]).present])
+    cached, filled = store.match(prompt, len(prompt))
+    assert cached == 32
+    for done, buffers in ((0, decoder.kv_buffers(len(prompt))), (cached, filled)):
         for size in (8, 29, 64, 16, 100, 1000):
             end = min(len(prompt), done + size)
             out = decoder.prefill_after(prompt[:end], done, buffers, in_place=True)

@@ -136,6 +136,30 @@ def test_a_prompt_leaves_at_least_two_tokens_to_compute() -> None:
     assert cache.match([*prompt, 99, 100])[0] == 8
 
 
+
+def test_a_held_sequence_hands_over_its_buffers_within_its_prompt() -> None:
+    """The buffers of a lone sequence that left the batch serve the next prompt in place (no copy out of the
+    blocks) when its cached prefix lies within that sequence's prompt and the room asked for fits; the next
+    lookup lets go of them either way."""
+    cache = PrefixCache(1 << 20, block=4)
+    prompt = list(range(12))
+    cache.store(prompt, _kv(3))
+    buffers = [np.zeros((1, 2, 24, 8), dtype=np.float32) for _ in range(4)]
+    cache.hold(prompt, buffers)
+    reused, past = cache.match([*prompt[:8], 50, 51, 52], columns=16)
+    assert reused == 8 and past is buffers
+    reused, past = cache.match([*prompt[:8], 50, 51, 52], columns=16)
+    assert reused == 8 and past is not buffers and past[0].shape == (1, 2, 16, 8)
+    np.testing.assert_array_equal(past[1][0, :, :8], _kv(2)[1])
+    for ids, columns, held in (([*prompt, 50, 51], 16, prompt[:8]),  # a prefix beyond the held prompt
+                               ([*prompt[:8], 50, 51], 32, prompt),  # more room than the buffers have
+                               ([*prompt[:8], 50, 51], None, prompt),  # exact arrays asked for
+                               ([99, 98, 97, 96, 95, 94], 16, prompt)):  # no cached prefix: let go of all the same
+        cache.hold(held, buffers)
+        assert cache.match(ids, columns)[1] is not buffers
+        assert cache.match([*prompt[:8], 50, 51], 16)[1] is not buffers
+
+
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)

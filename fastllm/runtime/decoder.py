@@ -175,14 +175,10 @@ class Decoder:
         out = self.forward(ids, mask, positions, past, in_place=True, slot="prefill", prompt=True)
         return StepOutput(logits=out.logits.copy(), present=out.present)  # the bound logits buffer is reused
 
-    def kv_buffers(self, tokens: int, past: list[np.ndarray] | None = None) -> list[np.ndarray]:
-        """Buffers for one sequence of up to ``tokens`` tokens, to be written in place (``prefill_after``), holding
-        ``past`` (``[1, heads, n, head_dim]`` per tensor, n <= tokens) at their start."""
-        buffers = [np.zeros((1, self.num_kv_heads, tokens, self.head_dim), dtype=self.kv_dtype)
-                   for _ in self.past_names]
-        for buffer, known in zip(buffers, past or [], strict=False):
-            buffer[:, :, : known.shape[2]] = known
-        return buffers
+    def kv_buffers(self, tokens: int) -> list[np.ndarray]:
+        """Buffers for one sequence of up to ``tokens`` tokens, to be written in place (``prefill_after``); left
+        unwritten, as GroupQueryAttention reads a row only up to its length (see BatchCache._stack)."""
+        return [np.empty((1, self.num_kv_heads, tokens, self.head_dim), dtype=self.kv_dtype) for _ in self.past_names]
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[KV], *, all_logits: bool = False, in_place: bool = False, keep: int = 1,

@@ -285,6 +285,8 @@ class GenerationEngine:
                     if pending.reused is None:  # the prefix store is consulted once, at the head of the queue
                         pending.reused = self._reused(pending.request.prompt_ids)
                         pending.cached_tokens = pending.reused[0]
+                        if self.decoder.shares_kv:  # the cached prefix, already in buffers with room for the rest
+                            pending.buffers = pending.reused[1]
                     if pending.reused[0] and group:
                         break  # a prompt that continues a cached prefix is prefilled alone
                     ids = len(pending.request.prompt_ids) - pending.reused[0]
@@ -355,7 +357,9 @@ class GenerationEngine:
             code="kv_budget_exceeded")
 
     def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
-        return (0, None) if self.prefix_cache is None else self.prefix_cache.match(prompt)
+        if self.prefix_cache is None:
+            return 0, None
+        return self.prefix_cache.match(prompt, self._room(prompt) if self.decoder.shares_kv else None)
 
     def _chunk_tokens(self) -> int:
         """How many tokens of a long prompt (one above ``prefill_chunk``) the next chunk reads while others
@@ -371,11 +375,11 @@ class GenerationEngine:
         allowed = (self.prefill_stall_ratio - 1) * self._step_seconds / self._chunk_seconds_per_token
         return int(min(self.prefill_chunk, max(MIN_CHUNK_TOKENS, allowed)))
 
-    def _buffers(self, prompt: list[int], past: list[Any] | None) -> list[Any]:
-        """KV buffers for a long prompt read in chunks, with room to decode into once an empty batch adopts
-        them. (A cached prefix's remainder is not computed this way: copying the prefix into such buffers made
-        a warm 3.5k-token prompt 60 ms slower to its first token than ``prefill_after``.)"""
-        return self.decoder.kv_buffers(len(prompt) + max(64, len(prompt) // 8), past)
+    @staticmethod
+    def _room(prompt: list[int]) -> int:
+        """Columns of the KV buffers a prompt is read into on graphs that write in place: the prompt, and room to
+        decode into once an empty batch adopts them (a batch that outgrows its buffers copies them whole)."""
+        return len(prompt) + max(64, len(prompt) // 8)
 
     def _prefill_chunk(self, pending: _Pending, size: int) -> None:
         """The next ``size`` tokens of a long prompt, on the KV of those before; the request stays at the head
@@ -388,7 +392,7 @@ class GenerationEngine:
         try:
             if self.decoder.shares_kv:
                 if pending.buffers is None:
-                    pending.buffers = self._buffers(prompt, past)
+                    pending.buffers = self.decoder.kv_buffers(self._room(prompt))
                 out = self.decoder.prefill_after(ids, done, pending.buffers, in_place=True)
                 pending.buffers = out.present
             elif past is not None:
@@ -410,8 +414,18 @@ class GenerationEngine:
         self.stats.prefill_chunks += 1
 
     def _prefill(self, group: list[_Pending]) -> None:
+        """Read a group's prompts (the rest of them, after a cached prefix or chunks), sample each choice's first
+        token, and let the rows that go on join the batch.
+
+        On graphs that write their KV in place a lone prompt is read into buffers with room to decode into: the
+        cached prefix's (written there by the prefix store), its chunks', or new ones. An empty batch adopts
+        them as they are; a prompt's present without that room was copied whole at the first decode step (77 ms
+        for 3.5k tokens of SmolLM2, a stall before its second token)."""
         reused, past = group[0].reused or (0, None)
-        if group[0].buffers is not None:  # the rest of a prompt read in chunks, into the same buffers
+        lone = len(group) == 1 and self.decoder.shares_kv
+        if lone and group[0].buffers is None:
+            group[0].buffers = self.decoder.kv_buffers(self._room(group[0].request.prompt_ids))
+        if group[0].buffers is not None:  # the rest of a prompt read into buffers: its cached prefix's or chunks'
             out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, group[0].buffers, in_place=True)
             group[0].buffers = None
             self.decoder.release("prefill")
@@ -582,6 +596,9 @@ class GenerationEngine:
                 if id(seq) not in kept and seq.finish_reason in ("stop", "length"):
                     kv = self._cache.row(rows[id(seq)])
                     self.prefix_cache.store([*seq.request.request.prompt_ids, *seq.output][: kv[0].shape[1]], kv)
+        if self.prefix_cache is not None and not keep and self._cache.rows == 1 and self._cache.shared and \
+                isinstance(self._cache.past[0], np.ndarray):  # a lone sequence's buffers, for its next turn
+            self.prefix_cache.hold(self._running[0].request.request.prompt_ids, self._cache.past)
         self._cache.keep([rows[id(s)] for s in keep])
         self._running = keep
         if not keep:
