@@ -81,12 +81,17 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str, 
 
 
 @pytest.mark.parametrize("prefill_graph", [True, False])
-def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path, prefill_graph: bool) -> None:
+def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path, prefill_graph: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A prompt read in chunks into buffers sized for all of it (graphs that share KV buffers) ends with the
     logits of one whole prefill, bit for bit, from any starting point (a cached prefix); through the int8 prompt
-    graph and through the int4 graph (GPUs, prefill_graph = false)."""
+    graph and through the int4 graph (GPUs, prefill_graph = false). Chunks above PROMPT_PIECE tokens are read
+    in pieces (made small here), bit for bit too."""
     from fastllm.manifest import read_manifest
+    from fastllm.runtime import decoder as decoder_module
     from fastllm.runtime.decoder import Decoder
+
+    monkeypatch.setattr(decoder_module, "PROMPT_PIECE", 40)
 
     decoder = Decoder(smollm2_fused_int4, read_manifest(smollm2_fused_int4), threads=1, prefill_graph=prefill_graph)
     assert decoder.has_prefill_graph == prefill_graph
