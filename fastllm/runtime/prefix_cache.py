@@ -87,8 +87,7 @@ class PrefixCache:
         for i, first in enumerate(chain[0].kv):
             heads, _, head_dim = first.shape
             tensor = np.empty((1, heads, columns or length, head_dim), dtype=first.dtype)
-            for start, block in zip(range(0, length, self.block), chain, strict=True):
-                tensor[0, :, start:start + self.block] = block.kv[i]
+            np.concatenate([block.kv[i] for block in chain], axis=1, out=tensor[0, :, :length])
             past.append(tensor)
         return length, past
 
