@@ -3,6 +3,7 @@ prompt's KV the same bits however the prompt is read (whole, in chunks, batched,
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from test_prefix_cache import _greedy
 
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import ExportError
+from fastllm.export import prefill_graph
 from fastllm.export.pipeline import ExportOptions, export
 from fastllm.manifest import read_manifest
 from fastllm.runtime.decoder import Decoder
@@ -109,3 +111,46 @@ def test_exports_choose_the_prompt_graph() -> None:
     with pytest.raises(ExportError, match="--prefill-graph int8 goes with"):
         export(ExportOptions(source=str(tiny_models.build("llama")), graph="optimum", quantize="int4",
                              prefill_graph="int8"))
+
+
+def test_the_smoothing_is_folded_where_it_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each input's smoothing is folded into the norm weights or the up projection's columns, leaving a Mul only on
+    the attention output (one per layer), and the folded graph computes what the Muls did: the same row scales,
+    so the same int8 arithmetic but for float rounding."""
+    import onnx
+    import onnxruntime as ort
+
+    source = tiny_export("llama", graph="fused", quantize="int4")
+    built: dict[bool, Path] = {}
+    for fold in (True, False):
+        folder = tmp_path / str(fold)
+        folder.mkdir()
+        for file in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+            shutil.copy(source / file, folder / file)
+        if not fold:
+            monkeypatch.setattr(prefill_graph, "_foldable", lambda *args: ({}, {}))
+        graph = prefill_graph.build(folder / "model.onnx", folder / "tokenizer.json", 64)
+        assert graph is not None
+        built[fold] = graph
+    nodes = onnx.load(str(built[True]), load_external_data=False).graph.node
+    layers = sum(node.op_type == "GroupQueryAttention" for node in nodes)
+    smoothing = [node.input[0] for node in nodes if node.name.endswith("/w8a8/smooth")]
+    assert layers > 0 and len(smoothing) == layers
+    assert all(node.op_type == "GroupQueryAttention" for node in nodes for name in smoothing if name in node.output)
+    unfolded = onnx.load(str(built[False]), load_external_data=False).graph.node
+    assert sum(node.name.endswith("/w8a8/smooth") for node in unfolded) == 4 * layers  # qkv, o, gate/up, down
+
+    prompt = np.asarray([[5, 17, 42, 99, 3, 64, 8, 120, 7, 33, 250, 1]], dtype=np.int64)
+    logits = []
+    for graph in (built[True], built[False]):
+        session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        feeds: dict[str, np.ndarray] = {"input_ids": prompt, "attention_mask": np.ones_like(prompt)}
+        for spec in session.get_inputs():
+            if spec.name.startswith("past_key_values."):
+                feeds[spec.name] = np.zeros((1, spec.shape[1], 0, spec.shape[3]), dtype=np.float32)
+            elif spec.name == "num_logits_to_keep":
+                feeds[spec.name] = np.asarray([prompt.shape[1]], dtype=np.int64)
+        logits.append(session.run(["logits"], feeds)[0])
+    spread = float(np.abs(logits[1]).max())
+    assert np.abs(logits[0] - logits[1]).max() < 0.02 * spread, np.abs(logits[0] - logits[1]).max() / spread
+    assert np.array_equal(logits[0].argmax(-1), logits[1].argmax(-1))

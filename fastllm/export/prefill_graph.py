@@ -18,6 +18,12 @@ between tokens and between channels, and that alone cost SmolLM2 5% perplexity. 
 The int8 weights come from the int4 graph's own (dequantized, then per output channel), so the graph needs nothing
 but ``model.onnx`` and the tokenizer (for the calibration text); requantizing cost nothing measurable (perplexity
 18.80 -> 18.82, Qwen2.5-Coder-0.5B).
+
+A short prompt's time goes to the graph's many small nodes as much as to its GEMMs, so the smoothing is folded where
+it is exact: into the norm weights before q/k/v and gate/up, and into the up projection's columns before the down
+projection (``silu(gate) * up``); only the attention output keeps a ``Mul``, as its values are also the KV cache's.
+The range columns are made once per graph, not per input. SmolLM2, 2 cores: 40 tokens 31.3 -> 28.4 ms, 20 tokens
+25.7 -> 22.2 ms, 1k tokens 1% faster.
 """
 
 from __future__ import annotations
@@ -174,23 +180,35 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
     smoothing = {source: np.clip(np.power(np.maximum(maxima[source], 1e-5), SMOOTHING)
                                  / np.power(np.maximum(peak, 1e-5), 1 - SMOOTHING), 1e-3, 1e3).astype(np.float32)
                  for source, peak in peaks.items()}
+    folded_into_norm, folded_into_columns = _foldable(graph, targets, set(smoothing), tensors)
+    for source, gamma in folded_into_norm.items():
+        tensors[gamma].CopyFrom(numpy_helper.from_array(
+            (numpy_helper.to_array(tensors[gamma]) / smoothing[source]).astype(np.float32), gamma))
     added = [numpy_helper.from_array(np.array([-1], dtype=np.int64), "w8a8_last_axis"),
-             numpy_helper.from_array(np.array([0], dtype=np.int64), "w8a8_zero"),
              numpy_helper.from_array(np.array([2], dtype=np.int64), "w8a8_two"),
              numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "w8a8_tiny"),
              numpy_helper.from_array(np.array([-1.0, 1.0], dtype=np.float32), "w8a8_range")]
+    # The -1 and +1 columns, [batch, tokens, 2], once for every input of the graph.
+    rewritten = [
+        helper.make_node("Shape", ["input_ids"], ["w8a8/tokens_shape"], name="w8a8/tokens_shape"),
+        helper.make_node("Concat", ["w8a8/tokens_shape", "w8a8_two"], ["w8a8/range_shape"], axis=0,
+                         name="w8a8/range_shape"),
+        helper.make_node("Expand", ["w8a8_range", "w8a8/range_shape"], ["w8a8/range"], name="w8a8/range"),
+    ]
     prepared: dict[str, tuple[str, str]] = {}  # input -> (its scaled rows with the range columns, row scales)
-    rewritten = []
     for node in graph.node:
         if node.name not in targets:
             rewritten.append(node)
             continue
         source = node.input[0]
         if source not in prepared:
-            rewritten.extend(_row_quantizable(source, smoothing[source], added))
+            smoothed = source if source in folded_into_norm or source in folded_into_columns.values() else None
+            rewritten.extend(_row_quantizable(source, smoothed, smoothing[source], added))
             prepared[source] = (f"{source}/w8a8/ranged", f"{source}/w8a8/row_peak")
         ranged, row_peak = prepared[source]
         weight = _dequantized(node, tensors) * smoothing[source][:, None]
+        if node.name in folded_into_columns:  # the next weight's smoothing, carried by this one's output
+            weight /= smoothing[folded_into_columns[node.name]][None, :]
         column_scale = np.abs(weight).max(axis=0) / 127
         column_scale[column_scale == 0] = 1
         quantized = np.zeros((weight.shape[0] + 2, weight.shape[1]), dtype=np.int8)  # + the range columns' rows
@@ -211,22 +229,54 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
     graph.initializer.extend(kept + [t for t in added if t.name in used])
 
 
-def _row_quantizable(source: str, smoothing: np.ndarray, added: list[Any]) -> list[Any]:
-    """Nodes that turn ``source`` into rows whose largest magnitude is 1, smoothed, with the -1 and +1 columns."""
+def _foldable(graph: Any, targets: set[str], sources: set[str],
+              tensors: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """Inputs whose smoothing can be folded into what makes them, exactly: ``{input: norm weight}`` for a
+    (Skip)SimplifiedLayerNormalization's output, and ``{weight node: input}`` for ``a * b`` where ``b`` is a
+    converted weight's output (the MLP's up projection). Only inputs that converted weights alone read, made by
+    nodes (and norm weights) nothing else reads."""
+    producers = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    into_norm: dict[str, str] = {}
+    into_columns: dict[str, str] = {}
+    for source in sources:
+        maker = producers.get(source)
+        if maker is None or any(reader.name not in targets for reader in readers[source]):
+            continue
+        if maker.op_type in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization") and \
+                maker.output[0] == source:
+            gamma = maker.input[2 if maker.op_type.startswith("Skip") else 1]
+            if gamma in tensors and len(readers[gamma]) == 1:
+                into_norm[source] = gamma
+        elif maker.op_type == "Mul":
+            weights = [producers.get(name) for name in maker.input]
+            carrier = next((w for w in reversed(weights) if w is not None and w.name in targets and
+                            len(readers[w.output[0]]) == 1), None)
+            if carrier is not None:
+                into_columns[carrier.name] = source
+    return into_norm, into_columns
+
+
+def _row_quantizable(source: str, smoothed: str | None, smoothing: np.ndarray, added: list[Any]) -> list[Any]:
+    """Nodes that turn ``source`` into rows whose largest magnitude is 1, smoothed (``smoothed``: it already is),
+    followed by the -1 and +1 columns."""
     from onnx import helper, numpy_helper
 
     p = f"{source}/w8a8"
-    added.append(numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{p}/inverse_smoothing"))
+    nodes = []
+    if smoothed is None:
+        added.append(numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{p}/inverse_smoothing"))
+        nodes.append(helper.make_node("Mul", [source, f"{p}/inverse_smoothing"], [f"{p}/smoothed"], name=f"{p}/smooth"))
+        smoothed = f"{p}/smoothed"
     return [
-        helper.make_node("Mul", [source, f"{p}/inverse_smoothing"], [f"{p}/smoothed"], name=f"{p}/smooth"),
-        helper.make_node("Abs", [f"{p}/smoothed"], [f"{p}/magnitude"], name=f"{p}/abs"),
+        *nodes,
+        helper.make_node("Abs", [smoothed], [f"{p}/magnitude"], name=f"{p}/abs"),
         helper.make_node("ReduceMax", [f"{p}/magnitude", "w8a8_last_axis"], [f"{p}/row_max"], keepdims=1,
                          name=f"{p}/row_max"),
         helper.make_node("Max", [f"{p}/row_max", "w8a8_tiny"], [f"{p}/row_peak"], name=f"{p}/row_peak"),
-        helper.make_node("Div", [f"{p}/smoothed", f"{p}/row_peak"], [f"{p}/unit"], name=f"{p}/unit"),
-        helper.make_node("Shape", [f"{p}/unit"], [f"{p}/shape"], name=f"{p}/shape"),
-        helper.make_node("Slice", [f"{p}/shape", "w8a8_zero", "w8a8_last_axis"], [f"{p}/rows"], name=f"{p}/rows"),
-        helper.make_node("Concat", [f"{p}/rows", "w8a8_two"], [f"{p}/range_shape"], axis=0, name=f"{p}/range_shape"),
-        helper.make_node("Expand", ["w8a8_range", f"{p}/range_shape"], [f"{p}/range"], name=f"{p}/range"),
-        helper.make_node("Concat", [f"{p}/unit", f"{p}/range"], [f"{p}/ranged"], axis=-1, name=f"{p}/ranged"),
+        helper.make_node("Div", [smoothed, f"{p}/row_peak"], [f"{p}/unit"], name=f"{p}/unit"),
+        helper.make_node("Concat", [f"{p}/unit", "w8a8/range"], [f"{p}/ranged"], axis=-1, name=f"{p}/ranged"),
     ]
