@@ -255,6 +255,8 @@ def bundle_command(model_dir: Path, output: Path, gpu: bool, image: str | None, 
 @click.option("--ban-tokens", default="", metavar="IDS",
               help="Comma-separated token ids (the model's end-of-turn ids) to forbid with logit_bias, so that "
                    "servers without ignore_eos also generate --max-tokens tokens.")
+@click.option("--temperature", type=float, default=0.0, show_default=True,
+              help="Sampling temperature of the requests (0: greedy; OpenAI's clients default to 1).")
 @click.option("--embeddings", is_flag=True, help="Measure /v1/embeddings inputs/s at each batch size instead.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the report (all runs) here.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the tables here.")
@@ -265,8 +267,8 @@ def bundle_command(model_dir: Path, output: Path, gpu: bool, image: str | None, 
 @_friendly_errors
 def bench_command(base_url: str | None, model: str | None, label: str | None, api_key: str | None,
                   concurrency: str, requests_per_client: int, max_tokens: int, repeat: int, max_seconds: float,
-                  ban_tokens: str, embeddings: bool, json_path: Path | None, markdown_path: Path | None,
-                  plot_path: Path | None, merge_paths: tuple[Path, ...]) -> None:
+                  ban_tokens: str, temperature: float, embeddings: bool, json_path: Path | None,
+                  markdown_path: Path | None, plot_path: Path | None, merge_paths: tuple[Path, ...]) -> None:
     """Load an OpenAI-compatible server at BASE_URL (e.g. http://127.0.0.1:3000/v1) and report.
 
     Streams chat completions at each concurrency level and reports time to first token, inter-token
@@ -290,11 +292,13 @@ def bench_command(base_url: str | None, model: str | None, label: str | None, ap
         raise click.BadParameter("comma-separated token ids, e.g. 0,2", param_hint="--ban-tokens") from exc
     if any(v < 1 for v in levels) or repeat < 1 or requests_per_client < 1 or max_tokens < 1:
         raise click.BadParameter("levels, --repeat, --requests and --max-tokens must be positive")
+    if temperature < 0:
+        raise click.BadParameter("must be 0 or more", param_hint="--temperature")
     runs = [run for path in merge_paths for run in read_report(path).runs]
     if base_url:
         base_url = base_url.rstrip("/")
         target = Target(base_url=base_url, model=model or "", api_key=api_key, max_tokens=max_tokens,
-                        ban_token_ids=banned)
+                        ban_token_ids=banned, temperature=temperature)
         target.model = target.model or discover_model(target)
 
         def show(s: LevelSummary) -> None:

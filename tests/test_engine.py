@@ -208,6 +208,21 @@ def test_sampling_follows_the_distribution_and_seeds_reproduce() -> None:
     assert sample != draws(SamplingParams(seed=12), count=4000)
 
 
+def test_a_whole_vocabulary_is_sampled_as_numpy_would_and_never_a_masked_token() -> None:
+    """Blocks of the inverse CDF (see sampling._inverse_cdf) across Qwen2.5's 152k vocabulary, most of it masked as a
+    grammar masks it: the draws are numpy's ``choice`` for the same seed, and never a masked token."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=151_936).astype(np.float32)
+    logits[rng.choice(logits.size, logits.size - 300, replace=False)] = -np.inf
+    ours = draws(SamplingParams(temperature=0.7, seed=7), count=3000, logits=logits)
+    probs = np.exp((logits - logits.max()) / 0.7).astype(np.float64)
+    reference = np.random.default_rng(7)
+    theirs = [int(reference.choice(logits.size, p=probs / probs.sum())) for _ in range(3000)]
+    assert set(ours) <= set(np.flatnonzero(np.isfinite(logits)).tolist())
+    assert np.mean(np.asarray(ours) == np.asarray(theirs)) > 0.995
+    assert len(set(ours)) > 20
+
+
 def test_logit_bias_and_penalties() -> None:
     assert set(draws(SamplingParams(temperature=0.0, logit_bias={3: 100.0}))) == {3}
     assert set(draws(SamplingParams(temperature=0.0, logit_bias={0: -100.0}))) == {1}

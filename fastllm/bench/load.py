@@ -68,6 +68,8 @@ class Target:
     # Token ids to forbid with OpenAI's logit_bias, so servers without ``ignore_eos`` (llama.cpp's
     # Python server) still answer max_tokens tokens and every server does the same work.
     ban_token_ids: list[int] = field(default_factory=list)
+    # 0: greedy, the same tokens from every server; OpenAI's default is 1, where sampling costs per token too.
+    temperature: float = 0.0
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -76,7 +78,7 @@ class Target:
 async def _chat(client: httpx.AsyncClient, target: Target, prompt: str) -> RequestResult:
     body: dict[str, Any] = {
         "model": target.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": target.max_tokens,
-        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True},
+        "temperature": target.temperature, "stream": True, "stream_options": {"include_usage": True},
         # A fixed output length where the server honours it (FastLLM, vLLM, llama.cpp's own server).
         "ignore_eos": True,
     }
