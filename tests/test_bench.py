@@ -61,8 +61,10 @@ def test_embeddings_mode_and_merging_reports(server: Server, tmp_path: Path) -> 
     assert [(lv["concurrency"], lv["errors"], lv["requests"]) for lv in run["levels"]] == [(1, 0, 8), (16, 0, 8)]
     assert all(lv["tok_s"] > 0 for lv in run["levels"])
     chat = _bench(f"{server.url}/v1", "--concurrency", "1", "--requests", "1", "--repeat", "1", "--max-tokens", "4",
-                  "--label", "chat", "--json", str(tmp_path / "c.json"))
+                  "--temperature", "1", "--label", "chat", "--json", str(tmp_path / "c.json"))
     assert chat.returncode == 0, chat.stderr
+    (sampled,) = json.loads((tmp_path / "c.json").read_text())["runs"][0]["levels"]
+    assert sampled["errors"] == 0 and sampled["tokens_per_request"] == 4
     merged = _bench("--merge", str(tmp_path / "e.json"), "--merge", str(tmp_path / "c.json"),
                     "--plot", str(tmp_path / "both.png"))
     assert merged.returncode == 0, merged.stderr
@@ -76,6 +78,7 @@ def test_embeddings_mode_and_merging_reports(server: Server, tmp_path: Path) -> 
     [
         (["--model", "no-such-model"], "HTTP 404"),
         (["--concurrency", "1,x"], "--concurrency"),
+        (["--temperature", "-1"], "--temperature"),
         ([], ""),
     ],
 )
