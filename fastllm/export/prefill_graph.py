@@ -22,8 +22,8 @@ but ``model.onnx`` and the tokenizer (for the calibration text); requantizing co
 A short prompt's time goes to the graph's many small nodes as much as to its GEMMs, so the smoothing is folded where
 it is exact: into the norm weights before q/k/v and gate/up, and into the up projection's columns before the down
 projection (``silu(gate) * up``); only the attention output keeps a ``Mul``, as its values are also the KV cache's.
-The range columns are made once per graph, not per input. SmolLM2, 2 cores: 40 tokens 31.3 -> 28.4 ms, 20 tokens
-25.7 -> 22.2 ms, 1k tokens 1% faster.
+The range columns are made once per graph, not per input: 1,710 nodes become 1,143 for SmolLM2, whose prompts then
+read faster on 2 cores (20 tokens 17.8 -> 15.6 ms, 40 tokens 28.3 -> 25.7 ms, 1k tokens 543 -> 520 ms).
 """
 
 from __future__ import annotations
