@@ -2,16 +2,16 @@
 # The whole comparison, one server at a time on this machine, written to docs/benchmarks.md (+ .png, .json):
 #   scripts/benchmarks.sh            # ~2 h on 2 cores (peer installs and the llama.cpp build the first time)
 #   RESUME=1 scripts/benchmarks.sh   # keep the results already in .cache/bench, run only what is missing
-#   SKIP=llama_server,long_prompts,embeddings scripts/benchmarks.sh   # keep those parts' pages as they are
+#   SKIP=llama_server,interleaved,long_prompts,embeddings scripts/benchmarks.sh  # keep those pages as they are
 #
 # Server level (`fastllm bench`, streamed chat, 1/2/4/8/16 clients): FastLLM fused int4 against llama.cpp's
 # native llama-server (parallel slots; Q4_0 and the original file) on SmolLM2-135M and Qwen2.5-Coder-0.5B
-# (scripts/bench_llama_server.sh), FastLLM fused fp32, and llama-cpp-python's server (serial). Engine level
-# (single stream, no HTTP): ours, ONNX Runtime GenAI, optimum's ORTModelForCausalLM, transformers' generate and
-# llama.cpp. Embeddings: FastLLM's server vs sentence-transformers on torch CPU and, under load, Infinity
-# (scripts/bench_embeddings.sh). Long prompts and conversations against llama-server
-# (scripts/bench_long_prompts.sh). Every peer runs from its own venv under .cache/peers/; none is a dependency
-# of FastLLM. Nothing else should run meanwhile.
+# (scripts/bench_llama_server.sh; round by round at 1 and 8 clients: scripts/bench_interleaved.sh), FastLLM
+# fused fp32, and llama-cpp-python's server (serial). Engine level (single stream, no HTTP): ours, ONNX Runtime
+# GenAI, optimum's ORTModelForCausalLM, transformers' generate and llama.cpp. Embeddings: FastLLM's server vs
+# sentence-transformers on torch CPU and, under load, Infinity (scripts/bench_embeddings.sh). Long prompts and
+# conversations against llama-server (scripts/bench_long_prompts.sh). Every peer runs from its own venv under
+# .cache/peers/; none is a dependency of FastLLM. Nothing else should run meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck disable=SC1091
@@ -94,8 +94,9 @@ python scripts/bench_structured.py "$models/smollm2-fused-int4" "$models/qwen-co
   --repeat "$repeat" --json "$out/structured.json" --markdown docs/benchmarks-structured.md >&2
 
 # The parts with pages of their own (FastLLM int4 against the native llama-server on SmolLM2 and Qwen2.5-Coder-0.5B,
-# long prompts, embeddings against Infinity); SKIP=llama_server,long_prompts,embeddings keeps a page already written.
-for part in llama_server long_prompts embeddings; do
+# the same alternating round by round, long prompts, embeddings against Infinity); SKIP=llama_server,interleaved,
+# long_prompts,embeddings keeps a page already written.
+for part in llama_server interleaved long_prompts embeddings; do
   case ",${SKIP:-}," in *",$part,"*) echo "== $part: skipped, its page is kept" >&2 ;; *) scripts/bench_$part.sh ;; esac
 done
 

@@ -194,7 +194,8 @@ def main() -> None:
         "([benchmarks-long-prompts.md](benchmarks-long-prompts.md)) and embeddings against Infinity "
         "([benchmarks-embeddings.md](benchmarks-embeddings.md)). Also: [speculative decoding]"
         "(benchmarks-speculative.md), [what constrained decoding costs](benchmarks-structured.md), "
-        "[CUDA](benchmarks-cuda.md).",
+        "[CUDA](benchmarks-cuda.md), [FastLLM and llama-server alternating round by round]"
+        "(benchmarks-interleaved.md).",
         "",
         "## Headlines",
         "",
