@@ -221,6 +221,9 @@ def test_a_whole_vocabulary_is_sampled_as_numpy_would_and_never_a_masked_token()
     assert set(ours) <= set(np.flatnonzero(np.isfinite(logits)).tolist())
     assert np.mean(np.asarray(ours) == np.asarray(theirs)) > 0.995
     assert len(set(ours)) > 20
+    logits[5] = np.nan  # a broken model's row is an error (the engine fails that request), not a token
+    with pytest.raises(ValueError, match="cannot sample"):
+        draws(SamplingParams(temperature=0.7, seed=7), count=1, logits=logits)
 
 
 def test_logit_bias_and_penalties() -> None:
