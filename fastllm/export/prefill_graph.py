@@ -181,6 +181,7 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
                                  / np.power(np.maximum(peak, 1e-5), 1 - SMOOTHING), 1e-3, 1e3).astype(np.float32)
                  for source, peak in peaks.items()}
     folded_into_norm, folded_into_columns = _foldable(graph, targets, set(smoothing), tensors)
+    folded = set(folded_into_norm) | set(folded_into_columns.values())
     for source, gamma in folded_into_norm.items():
         tensors[gamma].CopyFrom(numpy_helper.from_array(
             (numpy_helper.to_array(tensors[gamma]) / smoothing[source]).astype(np.float32), gamma))
@@ -202,8 +203,7 @@ def _rewrite(model: Any, targets: set[str], maxima: dict[str, np.ndarray]) -> No
             continue
         source = node.input[0]
         if source not in prepared:
-            smoothed = source if source in folded_into_norm or source in folded_into_columns.values() else None
-            rewritten.extend(_row_quantizable(source, smoothed, smoothing[source], added))
+            rewritten.extend(_row_quantizable(source, None if source in folded else smoothing[source], added))
             prepared[source] = (f"{source}/w8a8/ranged", f"{source}/w8a8/row_peak")
         ranged, row_peak = prepared[source]
         weight = _dequantized(node, tensors) * smoothing[source][:, None]
@@ -260,14 +260,15 @@ def _foldable(graph: Any, targets: set[str], sources: set[str],
     return into_norm, into_columns
 
 
-def _row_quantizable(source: str, smoothed: str | None, smoothing: np.ndarray, added: list[Any]) -> list[Any]:
-    """Nodes that turn ``source`` into rows whose largest magnitude is 1, smoothed (``smoothed``: it already is),
-    followed by the -1 and +1 columns."""
+def _row_quantizable(source: str, smoothing: np.ndarray | None, added: list[Any]) -> list[Any]:
+    """Nodes that turn ``source`` into rows whose largest magnitude is 1, smoothed (``smoothing`` None: folded into
+    what makes it), followed by the -1 and +1 columns."""
     from onnx import helper, numpy_helper
 
     p = f"{source}/w8a8"
     nodes = []
-    if smoothed is None:
+    smoothed = source
+    if smoothing is not None:
         added.append(numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{p}/inverse_smoothing"))
         nodes.append(helper.make_node("Mul", [source, f"{p}/inverse_smoothing"], [f"{p}/smoothed"], name=f"{p}/smooth"))
         smoothed = f"{p}/smoothed"
