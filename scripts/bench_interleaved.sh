@@ -31,15 +31,7 @@ measure() {  # LABEL PORT BAN JSON -- SERVER COMMAND...
 }
 
 for name in ${MODELS:-smollm2 qwen-coder}; do
-  case "$name" in
-    smollm2) gguf="$(scripts/fetch_smollm2.sh)"; title="SmolLM2-135M"; ban=0,2 ;;
-    qwen-coder) gguf="$(scripts/fetch_qwen_coder.sh)"; title="Qwen2.5-Coder-0.5B"; ban=151643,151645 ;;
-  esac
-  [ -f "$models/$name-fused-int4/fastllm.json" ] || fastllm export "$gguf" --graph fused --quantize int4 \
-    --name "$title-Instruct" -o "$models/$name-fused-int4" --force --no-validate >&2
-  q4_0=.cache/bench-llama-server/$name.Q4_0.gguf
-  mkdir -p .cache/bench-llama-server
-  [ -f "$q4_0" ] || "$llama_bin/llama-quantize" --allow-requantize "$gguf" "$q4_0" Q4_0 >&2
+  bench_pair "$name"  # $title, $ban, $q4_0 (scripts/wait_ready.sh)
   for round in $(seq "$rounds"); do
     measure "FastLLM $title int4" 8401 "$ban" "$out/$name-fastllm-$round.json" -- fastllm serve \
       --model "$models/$name-fused-int4" --port 8401 --threads "$threads" --max-batch-size 16 --log-level warning

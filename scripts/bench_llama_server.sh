@@ -33,15 +33,7 @@ bench() {  # LABEL PORT BAN -- SERVER COMMAND...
 
 merged=()
 for name in ${MODELS:-smollm2 qwen-coder}; do
-  case "$name" in  # the end tokens banned, and the format the file comes in
-    smollm2) gguf="$(scripts/fetch_smollm2.sh)"; title="SmolLM2-135M"; ban=0,2; original=Q4_1 ;;
-    qwen-coder) gguf="$(scripts/fetch_qwen_coder.sh)"; title="Qwen2.5-Coder-0.5B"; ban=151643,151645
-                original=Q4_K_M ;;
-  esac
-  [ -f "$models/$name-fused-int4/fastllm.json" ] || fastllm export "$gguf" --graph fused --quantize int4 \
-    --name "$title-Instruct" -o "$models/$name-fused-int4" --force --no-validate >&2
-  q4_0="$out/$name.Q4_0.gguf"
-  [ -f "$q4_0" ] || "$llama_bin/llama-quantize" --allow-requantize "$gguf" "$q4_0" Q4_0 >&2
+  bench_pair "$name"  # $gguf, $title, $ban, $original, $q4_0
   bench "FastLLM $title int4" 8401 "$ban" -- fastllm serve --model "$models/$name-fused-int4" --port 8401 \
     --threads "$threads" --max-batch-size 16 --log-level warning
   bench "llama-server $title Q4_0" 8402 "$ban" -- scripts/peers/llama_server.sh 8402 "$threads" 16 "$q4_0"
