@@ -1,4 +1,5 @@
-"""Chunked prefill: a long prompt arriving while others decode is read a chunk per step, and they keep moving."""
+"""Chunked prefill: a long prompt arriving while others decode is read beside their steps in a thread of its own
+(CPU), or a chunk per step, and they keep moving."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fastllm.runtime.sampling import SamplingParams
 
 
 def _load(folder: Path, **runtime: object) -> ServedModel:
-    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(threads=1, **runtime), folder.parent)
+    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(**{"threads": 1, **runtime}), folder.parent)
 
 
 def _request(prompt: list[int], tokens: int) -> GenerationRequest:
@@ -78,6 +79,79 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str, 
         assert chunks > len(long_prompt) // 256 + 2
     # A decode step of the running stream follows every chunk: it kept moving while the prompt was read.
     assert during - before >= chunks
+
+
+@pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
+def test_a_long_prompt_is_read_beside_the_decode_steps(export: str, request: pytest.FixtureRequest) -> None:
+    """The prefill thread reads all but the prompt's last two tokens while the running stream goes on decoding;
+    the answers are those of a whole prefill, and requests queued behind the long prompt are not held up by it."""
+    folder = request.getfixturevalue(export)
+    whole = _load(folder, prefix_cache_mb=0)
+    beside = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=64, threads=2, prefill_beside=True)
+    try:
+        text = "The history of the lighthouse keepers of the northern coast is long and full of storms. " * 40
+        long_prompt = whole.tokenizer.encode(text, add_special_tokens=False)
+        short = whole.tokenizer.encode("Count slowly from one to one hundred:", add_special_tokens=False)
+        expected = asyncio.run(_collect(whole, _request(long_prompt, 8)))
+        alone = asyncio.run(_collect(whole, _request(short, 200)))
+        behind = asyncio.run(_collect(whole, _request(short[:5], 4)))
+
+        async def together() -> tuple[list[int], list[int], list[int], int, int, int]:
+            progress, at_first_token, at_behind = [0], [0], [0]
+            running = asyncio.create_task(_collect(beside, _request(short, 200), progress))
+            while progress[0] < 4:  # the short stream is decoding
+                await asyncio.sleep(0.01)
+            before = progress[0]
+            long_task = asyncio.create_task(_collect(beside, _request(long_prompt, 8), first=at_first_token,
+                                                     watched=progress))
+            while beside.generator._read is None and not beside.generator.stats.prefill_beside:
+                await asyncio.sleep(0.001)  # until the long prompt is being read
+            queued = await _collect(beside, _request(short[:5], 4), first=at_behind, watched=at_first_token)
+            return await long_task, queued, await running, before, at_first_token[0], at_behind[0]
+
+        got, queued, running_ids, before, during, long_done_at_behind = asyncio.run(together())
+        stats = beside.generator.stats
+    finally:
+        whole.close()
+        beside.close()
+    assert got == expected and running_ids == alone and queued == behind
+    assert stats.prefill_beside == 1 and stats.prefill_chunks == 1
+    # The running stream went on while the prompt was read: a whole prefill between two steps would have let it
+    # take one token (on 2 loaded cores it takes dozens here).
+    assert during - before >= 4
+    assert long_done_at_behind == 0  # the short request behind it answered before the long prompt's first token
+
+
+def test_a_prompt_that_fails_beside_the_steps_fails_alone(smollm2_fp32: Path) -> None:
+    """A token id outside the vocabulary makes ONNX Runtime's Gather fail in the prefill thread (the server refuses
+    such ids before; the fused graphs' quantized lookup does not check them): that request gets the engine's error,
+    the running stream finishes as it would have, and the engine serves on."""
+    from fastllm.errors import EngineError
+
+    model = _load(smollm2_fp32, prefix_cache_mb=0, prefill_chunk_tokens=64, threads=2, prefill_beside=True)
+    try:
+        short = model.tokenizer.encode("Count slowly from one to one hundred:", add_special_tokens=False)
+        alone = asyncio.run(_collect(model, _request(short, 60)))
+        bad = [*range(1000, 1200), 10**7, *range(1200, 1300)]
+
+        async def together() -> tuple[list[int], BaseException | None]:
+            progress = [0]
+            running = asyncio.create_task(_collect(model, _request(short, 60), progress))
+            while progress[0] < 4:
+                await asyncio.sleep(0.01)
+            try:
+                await _collect(model, _request(bad, 4))
+            except EngineError as error:
+                return await running, error
+            return await running, None
+
+        running_ids, error = asyncio.run(together())
+        assert isinstance(error, EngineError)
+        assert running_ids == alone
+        assert model.generator._read is None
+        assert asyncio.run(_collect(model, _request(short, 60))) == alone
+    finally:
+        model.close()
 
 
 @pytest.mark.parametrize("prefill_graph", [True, False])
@@ -233,3 +307,20 @@ def test_admission_waits_for_kv_memory_and_refuses_what_can_never_fit(smollm2_fp
         assert caught.value.code == "kv_budget_exceeded"
     finally:
         model.close()
+
+
+def test_sessions_for_reading_beside_are_loaded_only_where_there_are_cores_to_halve(smollm2_fused_int4: Path) -> None:
+    """Half the threads each for the decode steps and the prompt read beside them: none on one thread, where the
+    engine reads in chunks instead; the prompt graph (int8) and the decode graph (int4) get one session each."""
+    from fastllm.manifest import read_manifest
+    from fastllm.runtime.decoder import Decoder
+
+    manifest = read_manifest(smollm2_fused_int4)
+    assert Decoder(smollm2_fused_int4, manifest, threads=1, beside=True).beside_sessions is None
+    assert Decoder(smollm2_fused_int4, manifest, threads=2).beside_sessions is None
+    decoder = Decoder(smollm2_fused_int4, manifest, threads=2, beside=True)
+    assert decoder.beside_sessions is not None
+    decode, prompt = decoder.beside_sessions
+    assert Path(decode._model_path).name == manifest.onnx_file
+    assert Path(prompt._model_path).name == manifest.prefill_file
+    assert decode.get_session_options().intra_op_num_threads == prompt.get_session_options().intra_op_num_threads == 1

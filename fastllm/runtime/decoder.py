@@ -14,6 +14,7 @@ buffer as both past and present instead, and attention writes the new keys/value
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import onnxruntime as ort
 
 from fastllm.errors import ModelLoadError
 from fastllm.manifest import LOGITS_TO_KEEP, Manifest
-from fastllm.runtime.providers import create_session
+from fastllm.runtime.providers import create_session, physical_cores
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class StepOutput:
 class Decoder:
     def __init__(self, folder: Path, manifest: Manifest, *, providers: Any = "auto",
                  provider_options: dict[str, dict[str, Any]] | None = None, threads: int = 0,
-                 io_binding: str = "auto", spinning: bool = True, prefill_graph: bool = True) -> None:
+                 io_binding: str = "auto", spinning: bool = True, prefill_graph: bool = True,
+                 beside: bool = False) -> None:
         onnx_path = folder / manifest.onnx_file
         if not onnx_path.is_file():
             raise ModelLoadError(f"{onnx_path} is missing; re-run `fastllm export`")
@@ -77,6 +79,18 @@ class Decoder:
         # Its keys and values, another quantization's, differ from what a decode step computes for the same
         # tokens, so the prefix cache keeps only what prompts computed (see GenerationEngine._retain).
         self.has_prefill_graph = self.prompt_session is not self.session
+        # ``beside``: the same graphs again on half the threads each, for a prompt read in a thread of its own
+        # while decode steps go on (see GenerationEngine._read_beside), so that each owns its cores
+        self.beside_sessions: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
+        half = (threads or physical_cores()) // 2
+        if beside and half and self.provider == "CPUExecutionProvider":
+            decode = create_session(onnx_path, requested=["CPUExecutionProvider"], threads=half,
+                                    spinning=spinning, spin_after_run=False).session
+            # On one thread a run computes on its caller's, so the two may share a session of the one graph.
+            prompt = decode if prefill_path is None and half == 1 else create_session(
+                prefill_path or onnx_path, requested=["CPUExecutionProvider"], threads=half, spinning=spinning,
+                spin_after_run=False).session
+            self.beside_sessions = (decode, prompt)
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present")]
@@ -126,20 +140,23 @@ class Decoder:
         on_cpu = self.binding_device is None and self.provider == "CPUExecutionProvider"
         on_cuda = self.provider == "CUDAExecutionProvider" and self.binding_device is not None and not fp32_cache
         self.shares_kv = self.right_padded and self.vocab_size > 0 and (on_cpu or on_cuda)
-        # by (slot, rows, one logits position per row, prompt graph): the running batch's buffers ("batch") and
-        # those of a long prompt read in chunks between its steps ("prefill") keep a binding each
-        self._shared: dict[tuple[str, int, bool, bool], _SharedBinding] = {}
+        # by (slot, rows, one logits position per row, session): the running batch's buffers ("batch"), those
+        # of a prompt read between its steps ("prefill") and those of one read beside them, in a thread of its own
+        # ("beside"), keep a binding each; the lock guards the dict, not the runs
+        self._shared: dict[tuple[str, int, bool, int], _SharedBinding] = {}
+        self._shared_lock = threading.Lock()
 
     def release(self, slot: str | None = None) -> None:
         """Let go of the kept bindings (``slot``'s, or all), and so of the cache buffers they hold, once nothing
         decodes into them."""
-        self._shared = {key: kept for key, kept in self._shared.items() if slot is not None and key[0] != slot}
+        with self._shared_lock:
+            self._shared = {key: kept for key, kept in self._shared.items() if slot is not None and key[0] != slot}
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=self.kv_dtype) for _ in self.past_names]
 
-    def prefill(self, prompts: list[list[int]]) -> StepOutput:
+    def prefill(self, prompts: list[list[int]], *, beside: bool = False) -> StepOutput:
         """Run several prompts as one padded batch, padded on the side this graph's cache uses.
 
         Only right-padded (fused) graphs batch prompts of different lengths: their attention reads each
@@ -154,13 +171,15 @@ class Decoder:
             ids[row, cut] = prompt
             mask[row, cut] = 1
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-        out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True, prompt=True)
+        out = self.forward(ids, mask, positions, self.empty_past(len(prompts)), all_logits=True, prompt=True,
+                           beside=beside)
         if self.right_padded and out.logits.shape[1] == width > 1:  # a graph that returns every position
             last = np.asarray([len(p) - 1 for p in prompts])
             return StepOutput(logits=out.logits[np.arange(len(prompts)), last], present=out.present)
         return StepOutput(logits=out.logits[:, -1, :], present=out.present)
 
-    def prefill_after(self, prompt: list[int], start: int, past: list[KV], *, in_place: bool = False) -> StepOutput:
+    def prefill_after(self, prompt: list[int], start: int, past: list[KV], *, in_place: bool = False,
+                      slot: str = "prefill", beside: bool = False) -> StepOutput:
         """One prompt whose first ``start`` tokens' KV is ``past``: only the rest is computed, in one
         multi-token step with a past (the step chunked prefill and speculative verification take too).
         Both graph kinds give exactly the logits of a whole prefill (checked in the tests).
@@ -177,12 +196,12 @@ class Decoder:
         prompt is read in 2.58 instead of 2.84 s (SmolLM2 int4), 4.57 instead of 5.27 s (Qwen2.5-Coder-0.5B); the
         logits are the same bits (each score is the same dot product; tested)."""
         if not in_place:
-            return self.forward(*self._prompt_feeds(prompt, start, len(prompt)), past, prompt=True)
+            return self.forward(*self._prompt_feeds(prompt, start, len(prompt)), past, prompt=True, beside=beside)
         piece = PROMPT_PIECE if self.provider == "CPUExecutionProvider" else len(prompt)
         while True:
             end = len(prompt) if len(prompt) - start <= piece + 1 else start + piece  # never a one-token last piece
-            out = self.forward(*self._prompt_feeds(prompt, start, end), past, in_place=True, slot="prefill",
-                               prompt=True)
+            out = self.forward(*self._prompt_feeds(prompt, start, end), past, in_place=True, slot=slot, prompt=True,
+                               beside=beside)
             past, start = out.present, end
             if end == len(prompt):
                 return StepOutput(logits=out.logits.copy(), present=out.present)  # the bound logits buffer is reused
@@ -200,10 +219,11 @@ class Decoder:
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
                 past: list[KV], *, all_logits: bool = False, in_place: bool = False, keep: int = 1,
-                slot: str = "batch", prompt: bool = False) -> StepOutput:
+                slot: str = "batch", prompt: bool = False, beside: bool = False) -> StepOutput:
         """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding. ``keep``: the last
         positions per row whose logits ``all_logits`` returns, where the graph computes only those. ``prompt``:
-        the new tokens are a prompt's, for the prompt graph where the export has one.
+        the new tokens are a prompt's, for the prompt graph where the export has one. ``beside``: a prompt is
+        being read beside the decode steps, so both run on the sessions with half the threads, where there are.
 
         ``in_place`` (with ``shares_kv``): ``past`` are buffers with spare columns, bound as the present
         too, so the graph writes the new keys/values into them instead of copying the whole cache into a
@@ -215,7 +235,10 @@ class Decoder:
             feeds["position_ids"] = position_ids
         if self.keeps_logits:
             feeds[LOGITS_TO_KEEP] = np.asarray([keep], dtype=np.int64)
-        session = self.prompt_session if prompt else self.session
+        if beside and self.beside_sessions is not None:
+            session = self.beside_sessions[1 if prompt else 0]
+        else:
+            session = self.prompt_session if prompt else self.session
         if in_place:
             logits, present = self._in_place(feeds, past, slot, session)
         elif self.binding_device is not None:
@@ -240,10 +263,12 @@ class Decoder:
         # verify drafts, whose logits (a shape per draft length) ONNX Runtime allocates: a buffer per length
         # would pile up (33 positions of a 152k vocabulary are 20 MB).
         single = new == 1 or (self.keeps_logits and int(feeds[LOGITS_TO_KEEP][0]) == 1)
-        key = (slot, rows, single, session is self.prompt_session)
-        shared = self._shared.get(key)
+        key = (slot, rows, single, id(session))
+        with self._shared_lock:
+            shared = self._shared.get(key)
+            stale = any(kept.past is not past for (owner, *_), kept in self._shared.items() if owner == slot)
         if shared is None or shared.past is not past:
-            if any(kept.past is not past for (owner, *_), kept in self._shared.items() if owner == slot):
+            if stale:
                 self.release(slot)  # bound to buffers the cache has since replaced
             binding = session.io_binding()
             device, device_id = self.binding_device or ("cpu", 0)
@@ -260,7 +285,9 @@ class Decoder:
                 binding.bind_ortvalue_output(present_name, buffer)
             on_device = self.binding_device is not None and not all(isinstance(v, ort.OrtValue) for v in past)
             kept = buffers if on_device else past
-            shared = self._shared[key] = _SharedBinding(past=kept, binding=binding, logits=logits)
+            shared = _SharedBinding(past=kept, binding=binding, logits=logits)
+            with self._shared_lock:
+                self._shared[key] = shared
         for name, value in feeds.items():
             shared.binding.bind_cpu_input(name, value)
         if not single:  # a binding keeps the last run's output, which would then have to fit this run's shape

@@ -2,7 +2,8 @@
 
 Each loop iteration (1) admits waiting requests, prefilling their prompts within a token budget
 (several prompts in one run where the graph allows; a prompt whose start is in the prefix cache computes
-only the rest, on the cached KV),
+only the rest, on the cached KV; a long one arriving while others decode is read beside their steps, in a
+prefill thread, on the CPU, or else in chunks between them),
 (2) runs one decode step for every running sequence together, each row's next token followed by the tokens
 the drafter guessed for it, if any (speculative decoding: the multi-token step chunked prefill uses too),
 (3) samples each row through its logits processors (penalties, bias, and the grammar mask of a constrained row,
@@ -20,14 +21,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from fastllm.errors import EngineError, InvalidRequestError, OverloadedError, RequestError
-from fastllm.runtime.decoder import Decoder
+from fastllm.runtime.decoder import Decoder, StepOutput
 from fastllm.runtime.detokenize import IncrementalDetokenizer
 from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache, to_host
@@ -45,6 +46,9 @@ SPECULATION_MAX_ROWS = 1
 # The fewest prompt tokens a chunk reads, however short the running rows' steps: below this a chunk's fixed
 # cost dominates and a long prompt would take many times its solo prefill.
 MIN_CHUNK_TOKENS = 8
+# What a prompt read beside the decode steps leaves to the engine thread: the prompt's last tokens, read with the
+# first token's sampling as any prompt's rest after a cached prefix (two, so that no step reads one token on a past).
+BESIDE_TAIL = 2
 
 
 def greedy_tokens(decoder: Decoder, prompt: list[int]) -> Iterator[int]:
@@ -147,7 +151,8 @@ class EngineStats:
     waiting: int = 0
     steps: int = 0
     prefill_runs: int = 0
-    prefill_chunks: int = 0
+    prefill_chunks: int = 0  # pieces of long prompts read apart from their last tokens (chunks, or beside steps)
+    prefill_beside: int = 0  # of those, prompts read in the prefill thread beside the decode steps
     last_batch_size: int = 0
     drafted_tokens: int = 0  # speculative decoding: tokens proposed by the drafter and verified
     accepted_tokens: int = 0  # of those, the ones the model agreed with
@@ -183,6 +188,12 @@ class GenerationEngine:
         self.drafter = drafter
         self._wake = threading.Condition()
         self._grammar_pool = ThreadPoolExecutor(1, thread_name_prefix=f"grammar-{name}")
+        # A long prompt that arrives while others decode is read in this thread, beside their steps, where the
+        # decoder has sessions for that (see _read_beside); elsewhere in chunks between them.
+        self._beside: ThreadPoolExecutor | None = None
+        if decoder.beside_sessions is not None:
+            self._beside = ThreadPoolExecutor(1, thread_name_prefix=f"prefill-{name}")
+        self._read: tuple[_Pending, int, Future[StepOutput]] | None = None  # the prompt read there, up to where
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{name}", daemon=True)
         self._thread.start()
@@ -220,6 +231,8 @@ class GenerationEngine:
             self._wake.notify()
         self._thread.join(timeout=10)
         self._grammar_pool.shutdown(wait=False)
+        if self._beside is not None:
+            self._beside.shutdown(wait=True)
         if self.drafter is not None:
             self.drafter.close()
 
@@ -228,9 +241,10 @@ class GenerationEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running and not self._stopping:
+                while not self._waiting and not self._running and not self._read_done() and \
+                        (not self._stopping or self._read is not None):  # a read in flight is waited for, even then
                     self._wake.wait()
-                if self._stopping and not self._running and not self._waiting:
+                if self._stopping and not self._running and not self._waiting and self._read is None:
                     return
             try:
                 self._iteration()
@@ -253,7 +267,7 @@ class GenerationEngine:
     def _update_stats(self) -> None:
         """Counts are updated before results are sent, so a finished client never sees itself running."""
         self.stats.running = len(self._running)
-        self.stats.waiting = len(self._waiting)
+        self.stats.waiting = len(self._waiting) + (self._read is not None)
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -269,16 +283,18 @@ class GenerationEngine:
         Graphs that batch prompts (right-padded ones) prefill a whole group in one run, where the budget
         counts padded tokens; others prefill one prompt per run. A running batch waits for at most one
         budget's worth of prefill per step, so admitting never stalls its decoding for long; and a prompt
-        longer than ``prefill_chunk`` arriving while others decode is prefilled one chunk per step (chunked
-        prefill: each chunk a multi-token step on the KV of the chunks before it, as a cached prefix is).
+        longer than ``prefill_chunk`` arriving while others decode is read beside their steps, in a thread of its
+        own, on the CPU (``prefill_beside``); otherwise one chunk per step (chunked prefill: each chunk a
+        multi-token step on the KV of the chunks before it, as a cached prefix is).
         """
+        self._collect_read()
         budget = self.max_prefill_tokens
         chunk_tokens = self._chunk_tokens()
         while True:
             group: list[_Pending] = []
             chunked: _Pending | None = None
             with self._wake:
-                slots = self.max_batch_size - len(self._running)
+                slots = self.max_batch_size - len(self._running) - (self._read[0].request.n if self._read else 0)
                 longest = 0
                 while self._waiting:
                     pending = self._waiting[0]
@@ -303,7 +319,12 @@ class GenerationEngine:
                     # running rows little); once begun, every chunk is sized to the stall ratio.
                     long = ids > (chunk_tokens if pending.chunking else self.prefill_chunk)
                     if self._running and long and fits:
-                        chunked = None if group else pending
+                        if self._beside is None:
+                            chunked = None if group else pending
+                        elif self._read is None:  # read beside the decode steps; those behind it go on
+                            self._read_beside(self._waiting.popleft())
+                            slots -= pending.request.n
+                            continue
                         break
                     padded = max(longest, ids) * (len(group) + 1)
                     affordable = padded <= budget or (not group and budget == self.max_prefill_tokens)
@@ -378,6 +399,44 @@ class GenerationEngine:
         allowed = (self.prefill_stall_ratio - 1) * self._step_seconds / self._chunk_seconds_per_token
         return int(min(self.prefill_chunk, max(MIN_CHUNK_TOKENS, allowed)))
 
+    def _read_beside(self, pending: _Pending) -> None:
+        """Read all but the last ``BESIDE_TAIL`` tokens of a long prompt in the prefill thread, while this one goes
+        on decoding, each on the decoder's sessions with half the threads (``prefill_beside``). Read between the
+        steps instead, each chunk adds its fixed cost, about a step's, to the running rows' gap between tokens (see
+        _chunk_tokens); beside them the rows slow only by having half the cores. The full-width sessions would
+        share the cores badly: their spinning threads take turns on them (SmolLM2 int4, 2 cores, 4 rows decoding
+        while 1,760 tokens are read: steps at p95 48 ms on the full-width sessions, 25 ms on a thread each, 48 ms
+        in chunks; 13 ms alone)."""
+        end = len(pending.request.prompt_ids) - BESIDE_TAIL
+        future = self._beside.submit(self._read_prompt, pending, end, "beside", True)  # type: ignore[union-attr]
+        self._read = (pending, end, future)
+        future.add_done_callback(lambda _: self._notify())
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _read_done(self) -> bool:
+        return self._read is not None and self._read[2].done()
+
+    def _collect_read(self) -> None:
+        """A prompt read beside the decode steps goes back to the head of the queue with its KV as its reused
+        prefix, and is admitted from there as a chunked one is; one given up on meanwhile is dropped."""
+        if not self._read_done():
+            return
+        pending, end, future = self._read  # type: ignore[misc]
+        self._read = None
+        self.decoder.release("beside")
+        error = future.exception()
+        if error is not None:
+            log.error("reading a prompt failed for a request to %s", self.name, exc_info=error)
+            pending.send(EngineError("the model failed while reading this prompt"))
+        elif not pending.cancelled:
+            self._keep_read(pending, end, future.result())
+            self.stats.prefill_beside += 1
+            with self._wake:
+                self._waiting.appendleft(pending)
+
     @staticmethod
     def _room(prompt: list[int]) -> int:
         """Columns of the KV buffers a prompt is read into on graphs that write in place: the prompt, and room to
@@ -387,21 +446,12 @@ class GenerationEngine:
     def _prefill_chunk(self, pending: _Pending, size: int) -> None:
         """The next ``size`` tokens of a long prompt, on the KV of those before; the request stays at the head
         of the queue, with that KV as its reused prefix, until what is left fits a normal prefill."""
-        done, past = pending.reused or (0, None)
-        prompt = pending.request.prompt_ids
-        size = min(size, len(prompt) - done - 2)  # no one-token last step: see PrefixCache.match
-        ids = prompt[: done + size]
+        done = pending.reused[0] if pending.reused else 0
+        # no one-token last step: see PrefixCache.match
+        end = done + min(size, len(pending.request.prompt_ids) - done - 2)
         started = time.perf_counter()
         try:
-            if self.decoder.shares_kv:
-                if pending.buffers is None:
-                    pending.buffers = self.decoder.kv_buffers(self._room(prompt))
-                out = self.decoder.prefill_after(ids, done, pending.buffers, in_place=True)
-                pending.buffers = out.present
-            elif past is not None:
-                out = self.decoder.prefill_after(ids, done, past)
-            else:
-                out = self.decoder.prefill([ids])
+            out = self._read_prompt(pending, end, "prefill")
         except Exception:
             log.exception("chunked prefill failed for a request to %s", self.name)
             with self._wake:
@@ -409,11 +459,30 @@ class GenerationEngine:
                     self._waiting.popleft()
             pending.send(EngineError("the model failed while reading this prompt"))
             return
-        self._chunk_seconds_per_token = (time.perf_counter() - started) / (len(ids) - done)
-        present = [to_host(p)[:, :, : len(ids)] for p in out.present]
-        pending.reused = (len(ids), present)
+        self._chunk_seconds_per_token = (time.perf_counter() - started) / (end - done)
+        self._keep_read(pending, end, out)
+
+    def _read_prompt(self, pending: _Pending, end: int, slot: str, beside: bool = False) -> StepOutput:
+        """Compute the KV of the prompt up to ``end`` on what was read of it before (its reused prefix), and
+        nothing else, so that it can run in the prefill thread too."""
+        done, past = pending.reused or (0, None)
+        ids = pending.request.prompt_ids[:end]
+        if self.decoder.shares_kv:
+            if pending.buffers is None:
+                pending.buffers = self.decoder.kv_buffers(self._room(pending.request.prompt_ids))
+            return self.decoder.prefill_after(ids, done, pending.buffers, in_place=True, slot=slot, beside=beside)
+        if past is not None:
+            return self.decoder.prefill_after(ids, done, past, beside=beside)
+        return self.decoder.prefill([ids], beside=beside)
+
+    def _keep_read(self, pending: _Pending, end: int, out: StepOutput) -> None:
+        """What was read of a prompt becomes its reused prefix, and goes into the prefix cache."""
+        if self.decoder.shares_kv:
+            pending.buffers = out.present
+        present = [to_host(p)[:, :, :end] for p in out.present]
+        pending.reused = (end, present)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(ids, [p[0] for p in present])
+            self.prefix_cache.store(pending.request.prompt_ids[:end], [p[0] for p in present])
         self.stats.prefill_chunks += 1
 
     def _prefill(self, group: list[_Pending]) -> None:
@@ -426,16 +495,18 @@ class GenerationEngine:
         for 3.5k tokens of SmolLM2, a stall before its second token)."""
         reused, past = group[0].reused or (0, None)
         lone = len(group) == 1 and self.decoder.shares_kv
+        beside = self._read is not None  # on this thread's share of the cores
         if lone and group[0].buffers is None:
             group[0].buffers = self.decoder.kv_buffers(self._room(group[0].request.prompt_ids))
         if group[0].buffers is not None:  # the rest of a prompt read into buffers: its cached prefix's or chunks'
-            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, group[0].buffers, in_place=True)
+            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, group[0].buffers, in_place=True,
+                                             beside=beside)
             group[0].buffers = None
             self.decoder.release("prefill")
         elif past is not None:  # one prompt, of which only what follows the cached prefix is computed
-            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past)
+            out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past, beside=beside)
         else:
-            out = self.decoder.prefill([p.request.prompt_ids for p in group])
+            out = self.decoder.prefill([p.request.prompt_ids for p in group], beside=beside)
         if self.prefix_cache is not None:
             present = [to_host(p) for p in out.present]
             for row, pending in enumerate(group):
@@ -515,7 +586,7 @@ class GenerationEngine:
         mask = self._cache.next_mask(new)
         started = time.perf_counter()
         out = self.decoder.forward(tokens, mask, positions, self._cache.next_past(new), in_place=self._cache.shared,
-                                   all_logits=new > 1, keep=new)
+                                   all_logits=new > 1, keep=new, beside=self._read is not None)
         self._step_seconds = time.perf_counter() - started
         logits = out.logits if new > 1 else out.logits[:, None, :]
         advance = np.ones(len(self._running), dtype=np.int64)

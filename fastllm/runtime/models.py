@@ -147,7 +147,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
     if manifest.is_generative:
         # A draft model's session and this one take turns on the same cores: neither may spin while idle.
         decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, spinning=config.speculative != "draft",
-                          **decoder_options)
+                          beside=runtime.prefill_beside, **decoder_options)
         prefix_cache = PrefixCache(runtime.prefix_cache_mb * 2**20) if runtime.prefix_cache_mb else None
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
