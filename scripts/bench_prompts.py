@@ -3,11 +3,11 @@
     python scripts/bench_prompts.py http://127.0.0.1:3000/v1 --label fastllm --json a.json
     python scripts/bench_prompts.py --merge a.json --merge b.json --markdown out.md
 
-For each prompt size (256, 1k, 2k, 4k tokens): time to first token of a prompt the server has never seen
-(cold), then of the same long system prompt with a new question (warm: what prefix caching saves). Then a
-10-turn chat, each turn resending the history with the model's last answer. Then decoding under a long
-arrival: 4 streams run, a 2k-token prompt arrives, and the streams' gaps between tokens while it is read are
-set against their gaps before (what chunked prefill protects). Every request opens a fresh connection (one
+For each prompt size (256, 1k, 2k, 4k tokens, as the server counts them): time to first token of a prompt the
+server has never seen (cold), then of the same long system prompt with a new question (warm: what prefix
+caching saves). Then a 10-turn chat, each turn resending the history with the model's last answer. Then decoding
+under a long arrival: 4 streams run, a 2k-token prompt arrives, and the streams' gaps between tokens while it is
+read are set against their gaps before (what chunked prefill protects). Every request opens a fresh connection (one
 llama.cpp server dropped kept-alive connections after a stream), streams, and is timed from the wire.
 """
 
@@ -33,7 +33,6 @@ WORDS = [
     "pillow", "rocket", "shadow", "tunnel", "valley", "wagon", "yogurt", "zipper",
 ]
 SIZES = (256, 1024, 2048, 4096)
-TOKENS_PER_WORD = 1.35  # for sizing only: the server's usage says what it really counted
 
 
 def passage(words: int, seed: int) -> str:
@@ -75,14 +74,40 @@ async def stream(url: str, model: str, messages: list[dict[str, str]], max_token
     return {"ttft": first - started, "text": text, "usage": usage}
 
 
+class Sizer:
+    """How many words of ``passage`` make a prompt of a given size with this server's tokenizer and chat template,
+    from its own count (``usage.prompt_tokens``) of two prompts: the template and question around a one-word system
+    prompt, and around a 400-word one."""
+
+    def __init__(self, overhead: int, tokens_per_word: float) -> None:
+        self.overhead, self.tokens_per_word = overhead, tokens_per_word
+
+    @classmethod
+    async def measure(cls, url: str, model: str) -> Sizer:
+        async def count(system: str) -> int:
+            body = {"model": model, "messages": [{"role": "system", "content": system}, _question(0)],
+                    "max_tokens": 1, "temperature": 0}
+            async with httpx.AsyncClient(timeout=600) as client:
+                response = await client.post(f"{url}/chat/completions", json=body)
+                response.raise_for_status()
+                return int(response.json()["usage"]["prompt_tokens"])
+
+        text = passage(400, seed=1)
+        bare, full = await count(WORDS[0]), await count(text)
+        return cls(bare, (full - bare) / (len(text.split()) - 1))
+
+    def words(self, tokens: int) -> int:
+        return max(1, round((tokens - self.overhead) / self.tokens_per_word))
+
+
 def _question(i: int) -> dict[str, str]:
     return {"role": "user", "content": f"In one sentence, which word of the text above comes up most? ({i})"}
 
 
-async def prompt_sizes(url: str, model: str, sizes: list[int]) -> list[dict[str, Any]]:
+async def prompt_sizes(url: str, model: str, sizes: list[int], sizer: Sizer) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
-        system = {"role": "system", "content": passage(int(size / TOKENS_PER_WORD), seed=size + int(time.time()))}
+        system = {"role": "system", "content": passage(sizer.words(size), seed=size + int(time.time()))}
         cold = await stream(url, model, [system, _question(0)], 8)
         warm = await stream(url, model, [system, _question(1)], 8)
         rows.append({"size": size, "prompt_tokens": cold["usage"].get("prompt_tokens"), "cold_ttft": cold["ttft"],
@@ -104,14 +129,14 @@ async def conversation(url: str, model: str, turns: int) -> list[dict[str, Any]]
     return rows
 
 
-async def arrival(url: str, model: str, streams: int, long_tokens: int) -> dict[str, Any]:
+async def arrival(url: str, model: str, streams: int, long_tokens: int, sizer: Sizer) -> dict[str, Any]:
     """Gaps between tokens of ``streams`` running streams, before and while a long prompt is read."""
     ask = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
     arrivals: list[list[float]] = [[] for _ in range(streams)]
     running = [asyncio.create_task(stream(url, model, ask, 4000, ignore_eos=True, arrivals=mine)) for mine in arrivals]
     while min(len(mine) for mine in arrivals) < 50:  # every stream is decoding steadily
         await asyncio.sleep(0.05)
-    system = {"role": "system", "content": passage(int(long_tokens / TOKENS_PER_WORD), seed=int(time.time()))}
+    system = {"role": "system", "content": passage(sizer.words(long_tokens), seed=int(time.time()))}
     sent = time.perf_counter()
     long = await stream(url, model, [system, _question(0)], 4)
     read = sent + long["ttft"]
@@ -169,10 +194,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{args.label}: {model} at {args.url}", flush=True)
     parts = set(args.parts.split(","))
     sizes = [int(s) for s in args.sizes.split(",")]
+    sizer = await Sizer.measure(args.url, model)
     return {"label": args.label, "model": model,
-            "sizes": await prompt_sizes(args.url, model, sizes) if "sizes" in parts else [],
+            "sizes": await prompt_sizes(args.url, model, sizes, sizer) if "sizes" in parts else [],
             "chat": await conversation(args.url, model, args.turns) if "chat" in parts else [],
-            "arrival": await arrival(args.url, model, args.streams, args.arrival_tokens) if "arrival" in parts
+            "arrival": await arrival(args.url, model, args.streams, args.arrival_tokens, sizer) if "arrival" in parts
             else None}
 
 
