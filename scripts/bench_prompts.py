@@ -148,7 +148,8 @@ async def arrival(url: str, model: str, streams: int, long_tokens: int, sizer: S
     before = [b - a for a, b in gaps if b < sent]
     during = [b - a for a, b in gaps if b > sent and a < read]
     print(f"  arrival: gaps p50/p95 {_pct(before, 50) * 1000:.0f}/{_pct(before, 95) * 1000:.0f} ms before, "
-          f"{_pct(during, 50) * 1000:.0f}/{_pct(during, 95) * 1000:.0f} ms while {long_tokens} tokens are read in "
+          f"p50/p95/max {_pct(during, 50) * 1000:.0f}/{_pct(during, 95) * 1000:.0f}/"
+          f"{max(during, default=0.0) * 1000:.0f} ms while {long_tokens} tokens are read in "
           f"{long['ttft']:.2f} s", flush=True)
     return {"streams": streams, "long_prompt_tokens": long["usage"].get("prompt_tokens"),
             "long_ttft": long["ttft"], "itl_before_p50": _pct(before, 50), "itl_before_p95": _pct(before, 95),

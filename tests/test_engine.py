@@ -297,6 +297,33 @@ def test_batch_cache_right_pads_for_fused_graphs() -> None:
     assert cache.width == 4 and cache.next_mask().tolist() == [[1, 1, 1, 1, 1]]
 
 
+def test_a_join_into_arrays_faulted_ahead_equals_one_that_allocates() -> None:
+    """Arrays made ahead for a join (by the prefill thread) hold the same rows as the join's own; ones that no
+    longer fit (the batch changed meanwhile) are passed over."""
+    def batch() -> BatchCache:
+        cache = BatchCache(right_padded=True, shared=True)
+        cache.join(_kv(3, 1.0, rows=2), [3, 2])
+        return cache
+
+    assert BatchCache(right_padded=True, shared=True).faulted_join(_kv(9, 2.0), 1, 9) is None  # adopted as is
+    assert BatchCache().faulted_join(_kv(9, 2.0), 1, 9) is None  # unshared caches are rebuilt whole
+    plain, ahead = batch(), batch()
+    into = ahead.faulted_join(_kv(12, 2.0), 1, 9)
+    assert into is not None and into[0].shape[:3] == (3, 2, 9 + 64)
+    ahead.join(_kv(12, 2.0), [9], into=into)
+    plain.join(_kv(12, 2.0), [9])
+    assert ahead.past[0] is into[0]
+    assert ahead.lengths.tolist() == plain.lengths.tolist() == [3, 2, 9]
+    for row, length in enumerate(plain.lengths):
+        for ours, theirs in zip(ahead.past, plain.past, strict=True):
+            np.testing.assert_array_equal(ours[row, :, :length], theirs[row, :, :length])
+    stale = batch()
+    into = stale.faulted_join(_kv(12, 2.0), 1, 9)
+    stale.keep([0])  # a row finished before the join
+    stale.join(_kv(12, 2.0), [9], into=into)
+    assert stale.past[0] is not into[0] and stale.lengths.tolist() == [3, 9]
+
+
 def test_shared_batch_cache_grows_buffers_and_keeps_rows_in_place() -> None:
     """Shared mode (fused graphs on the CPU): buffers carry spare columns the graph writes into."""
     cache = BatchCache(right_padded=True, shared=True)

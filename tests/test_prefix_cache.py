@@ -149,6 +149,25 @@ def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> N
     assert cache.match([1, 2, 3])[0] == 0
 
 
+def test_blocks_copied_ahead_are_stored_as_the_store_would_copy_them() -> None:
+    """The prefill thread copies a prompt's new blocks ahead (copy_blocks); storing with those copies keeps the
+    same blocks as storing without, and blocks already held are not copied again."""
+    prompt = list(range(20))
+    kv = [np.arange(2 * 20 * 8, dtype=np.float32).reshape(2, 20, 8) + i for i in range(4)]
+    plain, ahead = PrefixCache(1 << 20, block=4), PrefixCache(1 << 20, block=4)
+    for cache in (plain, ahead):
+        cache.store(prompt[:8], kv)
+    copies = ahead.copy_blocks(prompt, kv)
+    assert len(copies) == 3  # blocks 3 to 5: the first two are held
+    ahead.store(prompt, kv, copies)
+    plain.store(prompt, kv)
+    assert ahead.blocks == plain.blocks == 5
+    stored = {id(tensor) for block in ahead._blocks.values() for tensor in block.kv}
+    assert all(id(tensor) in stored for copy in copies.values() for tensor in copy)
+    for ours, theirs in zip(ahead.match([*prompt, 1, 2])[1], plain.match([*prompt, 1, 2])[1], strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_a_prompt_leaves_at_least_two_tokens_to_compute() -> None:
     cache = PrefixCache(1 << 20, block=4)
     prompt = list(range(8))

@@ -129,6 +129,10 @@ class _Pending:
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
         # A prompt read in chunks on graphs that share KV buffers: buffers for the whole prompt, written in place.
         self.buffers: list[Any] | None = None
+        # Read beside the decode steps: made there too, the batch's arrays to join (faulted in) and the blocks of
+        # the prefix store (copied), so that the engine thread only files them.
+        self.join_into: list[np.ndarray] | None = None
+        self.block_copies: dict[int, list[np.ndarray]] | None = None
 
     @property
     def chunking(self) -> bool:
@@ -470,7 +474,13 @@ class GenerationEngine:
         if self.decoder.shares_kv:
             if pending.buffers is None:
                 pending.buffers = self.decoder.kv_buffers(self._room(pending.request.prompt_ids))
-            return self.decoder.prefill_after(ids, done, pending.buffers, in_place=True, slot=slot, beside=beside)
+            out = self.decoder.prefill_after(ids, done, pending.buffers, in_place=True, slot=slot, beside=beside)
+            if beside:
+                pending.join_into = self._cache.faulted_join(out.present, pending.request.n,
+                                                             len(pending.request.prompt_ids))
+                if self.prefix_cache is not None:
+                    pending.block_copies = self.prefix_cache.copy_blocks(ids, [p[0, :, :end] for p in out.present])
+            return out
         if past is not None:
             return self.decoder.prefill_after(ids, done, past, beside=beside)
         return self.decoder.prefill([ids], beside=beside)
@@ -482,7 +492,8 @@ class GenerationEngine:
         present = [to_host(p)[:, :, :end] for p in out.present]
         pending.reused = (end, present)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(pending.request.prompt_ids[:end], [p[0] for p in present])
+            self.prefix_cache.store(pending.request.prompt_ids[:end], [p[0] for p in present], pending.block_copies)
+            pending.block_copies = None
         self.stats.prefill_chunks += 1
 
     def _prefill(self, group: list[_Pending]) -> None:
@@ -541,7 +552,9 @@ class GenerationEngine:
         # Only now, with every row sampled, does the group join the batch: a fault above leaves it untouched.
         if rows:
             lengths = np.asarray([len(group[r].request.prompt_ids) for r in rows])
-            self._cache.join(out.present, lengths, rows=None if rows == list(range(len(group))) else rows)
+            self._cache.join(out.present, lengths, rows=None if rows == list(range(len(group))) else rows,
+                             into=group[0].join_into if len(group) == 1 else None)
+            group[0].join_into = None
             self._running.extend(alive)
         self._update_stats()
         for pending, deltas in sent:

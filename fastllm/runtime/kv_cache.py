@@ -71,10 +71,12 @@ class BatchCache:
         """Token slots the cache's arrays hold: rows x columns, padding and spare columns included."""
         return self.rows * _columns(self.past[0]) if self.past and self.rows else 0
 
-    def join(self, present: list[Any], lengths: Any, rows: list[int] | None = None) -> None:
+    def join(self, present: list[Any], lengths: Any, rows: list[int] | None = None,
+             into: list[np.ndarray] | None = None) -> None:
         """Append prefilled rows, laid out on this cache's padding side, with ``lengths`` real tokens each.
 
         ``rows`` picks (and repeats, for n > 1 choices) rows of ``present``; None takes them all as they are.
+        ``into``: arrays from ``faulted_join``, used where they still fit.
         """
         if rows is not None:
             index = np.asarray(rows)
@@ -86,12 +88,34 @@ class BatchCache:
             self.past, self.lengths = list(present), new_lengths
             return
         width = max(self.width, new_len)
-        # Shared buffers get room to decode into now (growing them at the next step would copy them again), but
-        # not much: every row pays the longest row's width, and a long prompt joining short rows is common.
-        columns = width + max(64, width // 8) if self.shared else width
-        self.past = [self._stack(to_host(old)[:, :, : self.width], to_host(new)[:, :, :new_len], columns)
-                     for old, new in zip(self.past, present, strict=True)]
+        columns = self._join_columns(width) if self.shared else width
+        fits = into is not None and into[0].shape[0] == self.rows + len(new_lengths) and into[0].shape[2] >= columns
+        self.past = [self._stack(to_host(old)[:, :, : self.width], to_host(new)[:, :, :new_len], columns,
+                                 out=into[layer] if fits else None)  # type: ignore[index]
+                     for layer, (old, new) in enumerate(zip(self.past, present, strict=True))]
         self.lengths = np.concatenate([self.lengths, new_lengths])
+
+    @staticmethod
+    def _join_columns(width: int) -> int:
+        """Shared buffers get room to decode into at a join (growing them at the next step would copy them again),
+        but not much: every row pays the longest row's width, and a long prompt joining short rows is common."""
+        return width + max(64, width // 8)
+
+    def faulted_join(self, present: list[np.ndarray], new_rows: int, new_length: int) -> list[np.ndarray] | None:
+        """Arrays for ``join`` to copy ``new_rows`` rows of up to ``new_length`` tokens and this cache's rows into,
+        their pages made (a write every 4 KB) ahead of time: by the prefill thread, beside the decode steps, after
+        it read a long prompt. Made at the join, on the engine thread, fresh pages stalled every stream: 340 ms
+        for a 2k-token row joining four short ones (SmolLM2, a VM), where recycled memory took 65 ms. The cache's
+        size is read here without a lock; ``join`` uses the arrays only if they still fit."""
+        if not self.shared or not self.rows:
+            return None
+        columns = self._join_columns(max(self.width, new_length))
+        arrays = []
+        for like in present:
+            array = np.empty((self.rows + new_rows, like.shape[1], columns, like.shape[3]), dtype=like.dtype)
+            array.reshape(-1)[:: max(1, 4096 // array.itemsize)] = 0
+            arrays.append(array)
+        return arrays
 
     def keep(self, rows: list[int]) -> None:
         """Drop every row not in ``rows``, then the columns that are padding in every remaining row."""
@@ -139,14 +163,18 @@ class BatchCache:
         self.past = present
         self.lengths = self.lengths + (1 if advance is None else advance)
 
-    def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int) -> np.ndarray:
-        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns padded on this cache's side, written
-        in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot again). Shared
+    def _stack(self, old: np.ndarray, new: np.ndarray | None, columns: int,
+               out: np.ndarray | None = None) -> np.ndarray:
+        """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns (``out``'s, where given) padded on this
+        cache's side, written in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot
+        again). Shared
         buffers leave their padding unwritten: GroupQueryAttention reads each row up to its own length (past it
         lie rejected drafts too), and unwritten pages cost nothing (see ``small_pages_only``); graphs that mask
         padding (optimum's) need zeros there, which garbage would turn into NaN through the zero weights."""
         parts = [old] if new is None else [old, new]
-        out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)
+        if out is None:
+            out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)
+        columns = out.shape[2]
         row = 0
         for part in parts:
             width = part.shape[2]

@@ -91,13 +91,15 @@ class PrefixCache:
             past.append(tensor)
         return length, past
 
-    def store(self, ids: list[int], kv: list[np.ndarray]) -> None:
+    def store(self, ids: list[int], kv: list[np.ndarray], copies: dict[int, list[np.ndarray]] | None = None) -> None:
         """Keep the KV of ``ids``'s full blocks: ``kv`` holds, per cache tensor, ``[heads, tokens, head_dim]``
-        whose first ``len(ids)`` columns are those tokens'. Blocks already held are only touched."""
+        whose first ``len(ids)`` columns are those tokens'. Blocks already held are only touched. ``copies``: the
+        blocks ``copy_blocks`` made of the same ``ids`` and ``kv``, where they were copied ahead of time."""
         keys: list[int] = []
         for start, parent, tokens, key in self._chain(ids, len(ids) // self.block):
             if key not in self._blocks:
-                kv_block = [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
+                kv_block = (copies or {}).get(key) or [np.array(tensor[:, start:start + self.block, :])
+                                                         for tensor in kv]
                 nbytes = sum(k.nbytes for k in kv_block)
                 if nbytes > self.budget_bytes:
                     return
@@ -107,6 +109,14 @@ class PrefixCache:
             keys.append(key)
         self._touch(keys)
         self._evict()
+
+    def copy_blocks(self, ids: list[int], kv: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
+        """The copies ``store`` would make of ``ids``'s blocks not held yet, by key: made by the prefill thread,
+        beside the decode steps, for a long prompt it read, so that storing it on the engine thread only files
+        them (copying 2k tokens of SmolLM2's KV into fresh blocks took 40-180 ms there, a stall for every
+        stream). It reads the store without a lock: a block stored meanwhile is only copied twice."""
+        return {key: [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
+                for start, _, _, key in self._chain(ids, len(ids) // self.block) if key not in self._blocks}
 
     def hold(self, prompt: list[int], buffers: list[np.ndarray]) -> None:
         """Keep ``buffers`` (``[1, heads, columns, head_dim]`` per tensor, written in place) until the next
