@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # llama.cpp's own server, `llama-server` (parallel slots = continuous batching, prompt cache), built once from
 # the llama.cpp tree that llama-cpp-python's sdist carries (no network beyond PyPI; ~15 min on 2 cores), and
-# `llama-quantize` beside it. Built binaries are cached in .cache/peers/llama.cpp/bin.
+# `llama-quantize` beside it. Built binaries are cached in .cache/peers/llama.cpp/bin-<flags>.
 #   scripts/peers/llama_server.sh build                           # build only, print the bin folder
 #   scripts/peers/llama_server.sh PORT THREADS SLOTS GGUF [ARGS]  # serve GGUF on 127.0.0.1:PORT
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=.cache/peers/llama.cpp
-bin="$root/bin"
+# Built for this CPU, but without ggml's AMX matmul: on a Xeon with AMX (in a VM) llama-server crashed in
+# ggml_backend_amx_mul_mat at its first graph (SIGSEGV), so AMX is left to the AVX-512 kernels.
+cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+bin="$root/bin-$(echo "$cflags" | sha256sum | cut -c1-8)"
 if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
   mkdir -p "$root"
   sdist=$(ls "$root"/llama_cpp_python-0.3.36.tar.gz 2>/dev/null || true)
@@ -19,7 +22,7 @@ if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
   tar -xzf "$sdist" -C "$root/src" --strip-components=1
   cmake -S "$root/src/vendor/llama.cpp" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF >&2
+    -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags" >&2
   cmake --build "$root/build" --target llama-server llama-quantize -j "$(nproc)" >&2
   mkdir -p "$bin" && cp "$root/build/bin/llama-server" "$root/build/bin/llama-quantize" "$bin/"
 fi
