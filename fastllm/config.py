@@ -113,7 +113,7 @@ class RuntimeConfig(_Section):
     # prefill_chunk_tokens), so the prompt takes longer to its first token. 0: chunks of prefill_chunk_tokens.
     prefill_stall_ratio: float = Field(default=3.0, ge=0.0)
     # On the CPU, read such a prompt instead in a thread of its own, beside the decode steps, each on half the cores:
-    # the running streams' gaps between tokens stay about twice their usual, where chunks make them about three
+    # the running streams' gaps between tokens stay about twice their usual, where chunks make them three to four
     # times; it loads the model's graphs a second time (SmolLM2 int4: 713 instead of 417 MiB).
     prefill_beside: bool = False
     # Read prompts through the export's int8 prompt graph where it has one (CPU; about twice as fast a prefill as
