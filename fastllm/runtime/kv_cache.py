@@ -107,12 +107,13 @@ class BatchCache:
         it read a long prompt. Made at the join, on the engine thread, fresh pages stalled every stream: 340 ms
         for a 2k-token row joining four short ones (SmolLM2, a VM), where recycled memory took 65 ms. The cache's
         size is read here without a lock; ``join`` uses the arrays only if they still fit."""
-        if not self.shared or not self.rows:
+        lengths = self.lengths  # one snapshot: the engine thread replaces it as rows step, join and leave
+        if not self.shared or not len(lengths):
             return None
-        columns = self._join_columns(max(self.width, new_length))
+        columns = self._join_columns(max(int(lengths.max()), new_length))
         arrays = []
         for like in present:
-            array = np.empty((self.rows + new_rows, like.shape[1], columns, like.shape[3]), dtype=like.dtype)
+            array = np.empty((len(lengths) + new_rows, like.shape[1], columns, like.shape[3]), dtype=like.dtype)
             array.reshape(-1)[:: max(1, 4096 // array.itemsize)] = 0
             arrays.append(array)
         return arrays
