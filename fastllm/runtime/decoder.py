@@ -270,8 +270,9 @@ class Decoder:
         key = (slot, rows, single, id(session))
         with self._shared_lock:
             shared = self._shared.get(key)
-            stale = any(kept.past is not past for (owner, *_), kept in self._shared.items() if owner == slot)
         if shared is None or shared.past is not past:
+            with self._shared_lock:
+                stale = any(kept.past is not past for (owner, *_), kept in self._shared.items() if owner == slot)
             if stale:
                 self.release(slot)  # bound to buffers the cache has since replaced
             binding = session.io_binding()

@@ -168,10 +168,10 @@ class BatchCache:
                out: np.ndarray | None = None) -> np.ndarray:
         """``old``'s rows, then ``new``'s, in arrays of ``columns`` columns (``out``'s, where given) padded on this
         cache's side, written in one pass: every byte once, in order (np.pad and np.concatenate each wrote the lot
-        again). Shared
-        buffers leave their padding unwritten: GroupQueryAttention reads each row up to its own length (past it
-        lie rejected drafts too), and unwritten pages cost nothing (see ``small_pages_only``); graphs that mask
-        padding (optimum's) need zeros there, which garbage would turn into NaN through the zero weights."""
+        again). Shared buffers leave their padding unwritten: GroupQueryAttention reads each row up to its own
+        length (past it lie rejected drafts too), and unwritten pages cost nothing (see ``small_pages_only``);
+        graphs that mask padding (optimum's) need zeros there, which garbage would turn into NaN through the zero
+        weights."""
         parts = [old] if new is None else [old, new]
         if out is None:
             out = np.empty((sum(p.shape[0] for p in parts), old.shape[1], columns, old.shape[3]), dtype=old.dtype)

@@ -98,8 +98,7 @@ class PrefixCache:
         keys: list[int] = []
         for start, parent, tokens, key in self._chain(ids, len(ids) // self.block):
             if key not in self._blocks:
-                kv_block = (copies or {}).get(key) or [np.array(tensor[:, start:start + self.block, :])
-                                                         for tensor in kv]
+                kv_block = (copies or {}).get(key) or self._copy(kv, start)
                 nbytes = sum(k.nbytes for k in kv_block)
                 if nbytes > self.budget_bytes:
                     return
@@ -115,8 +114,13 @@ class PrefixCache:
         beside the decode steps, for a long prompt it read, so that storing it on the engine thread only files
         them (copying 2k tokens of SmolLM2's KV into fresh blocks took 40-180 ms there, a stall for every
         stream). It reads the store without a lock: a block stored meanwhile is only copied twice."""
-        return {key: [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
+        return {key: self._copy(kv, start)
                 for start, _, _, key in self._chain(ids, len(ids) // self.block) if key not in self._blocks}
+
+    def _copy(self, kv: list[np.ndarray], start: int) -> list[np.ndarray]:
+        """The block of ``kv`` that begins at column ``start``, in arrays of its own (not views that would keep
+        the whole prompt's buffers alive)."""
+        return [np.array(tensor[:, start:start + self.block, :]) for tensor in kv]
 
     def hold(self, prompt: list[int], buffers: list[np.ndarray]) -> None:
         """Keep ``buffers`` (``[1, heads, columns, head_dim]`` per tensor, written in place) until the next
