@@ -3,9 +3,10 @@
 # machine, written to docs/benchmarks-long-prompts.md (see scripts/bench_prompts.py for what is measured):
 #   scripts/bench_long_prompts.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B, ~30 min on 2 cores
 #   MODELS=smollm2 scripts/bench_long_prompts.sh  # one of them
-# FastLLM serves the fused int4 export with its defaults (chunks sized by prefill_stall_ratio = 3); then with fixed
-# 256-token chunks (prefill_stall_ratio = 0, the arrival only); reading the long prompt beside the decode steps
-# (prefill_beside = true, the arrival only); with prompts read by the int4 graph instead of the
+# FastLLM serves the fused int4 export with its defaults (prefill_beside = "auto": on where the graphs take at most
+# an eighth of the memory, then a prompt arriving while others decode is read beside their steps); then reading it in
+# chunks between the steps instead (prefill_beside = false, chunks sized by prefill_stall_ratio = 3; and fixed
+# 256-token chunks, prefill_stall_ratio = 0; the arrival only); with prompts read by the int4 graph instead of the
 # export's int8 prompt graph (prefill_graph = false, cold and warm prompts only); "before" is the same server with the
 # prefix cache off and no chunked prefill. llama-server (8 slots, built once by scripts/peers/llama_server.sh) serves the same GGUF
 # requantized to Q4_0, its fastest CPU format. Nothing else should run meanwhile.
@@ -42,10 +43,11 @@ for name in ${MODELS:-smollm2 qwen-coder}; do
   serve=(fastllm serve --model "$models/$name-fused-int4" --port 8201 --threads "$threads" --max-batch-size 16
          --log-level warning)
   bench "FastLLM $title int4" 8201 "$out/$name-fastllm.json" "$all" -- "${serve[@]}"
-  bench "FastLLM $title int4, fixed chunks of 256 (prefill_stall_ratio 0)" 8201 "$out/$name-fastllm-fixed.json" \
-    arrival -- env FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
-  bench "FastLLM $title int4, read beside the decode steps (prefill_beside true)" 8201 \
-    "$out/$name-fastllm-beside.json" arrival -- env FASTLLM_RUNTIME__PREFILL_BESIDE=true "${serve[@]}"
+  bench "FastLLM $title int4, chunks between the decode steps (prefill_beside false)" 8201 \
+    "$out/$name-fastllm-chunks.json" arrival -- env FASTLLM_RUNTIME__PREFILL_BESIDE=false "${serve[@]}"
+  bench "FastLLM $title int4, fixed chunks of 256 (prefill_beside false, prefill_stall_ratio 0)" 8201 \
+    "$out/$name-fastllm-fixed.json" arrival -- env FASTLLM_RUNTIME__PREFILL_BESIDE=false \
+    FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
   bench "FastLLM $title int4, prompts through the int4 graph (prefill_graph false)" 8201 \
     "$out/$name-fastllm-int4-prompts.json" sizes -- env FASTLLM_RUNTIME__PREFILL_GRAPH=false "${serve[@]}"
   bench "FastLLM $title int4, no prefix cache or chunking" 8201 "$out/$name-fastllm-before.json" "$all" -- \
@@ -53,7 +55,7 @@ for name in ${MODELS:-smollm2 qwen-coder}; do
     FASTLLM_RUNTIME__PREFILL_STALL_RATIO=0 "${serve[@]}"
   bench "llama-server $title Q4_0" 8202 "$out/$name-llama.json" "$all" -- \
     scripts/peers/llama_server.sh 8202 "$threads" 8 "$q4_0"
-  merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-fixed.json" --merge "$out/$name-fastllm-beside.json"
+  merged+=(--merge "$out/$name-fastllm.json" --merge "$out/$name-fastllm-chunks.json" --merge "$out/$name-fastllm-fixed.json"
            --merge "$out/$name-fastllm-int4-prompts.json" --merge "$out/$name-fastllm-before.json"
            --merge "$out/$name-llama.json")
 done

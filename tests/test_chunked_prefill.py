@@ -324,3 +324,33 @@ def test_sessions_for_reading_beside_are_loaded_only_where_there_are_cores_to_ha
     assert Path(decode._model_path).name == manifest.onnx_file
     assert Path(prompt._model_path).name == manifest.prefill_file
     assert decode.get_session_options().intra_op_num_threads == prompt.get_session_options().intra_op_num_threads == 1
+
+
+def test_auto_loads_the_sessions_beside_where_the_graphs_take_at_most_an_eighth_of_the_memory(
+        smollm2_fused_int4: Path, tmp_path: Path) -> None:
+    """``prefill_beside = "auto"``: the second pair of sessions holds about the graphs' files again, so it is loaded
+    where those (both graphs with their external data) fit an eighth of the memory, and the container's limit counts
+    where it is lower than the machine's."""
+    from fastllm.manifest import read_manifest
+    from fastllm.runtime.decoder import Decoder, _fits_beside
+    from fastllm.runtime.providers import memory_bytes
+
+    manifest = read_manifest(smollm2_fused_int4)
+    graphs = [smollm2_fused_int4 / manifest.onnx_file, smollm2_fused_int4 / manifest.prefill_file]
+    files = sum(f.stat().st_size for f in smollm2_fused_int4.iterdir()
+                if f.name.startswith((manifest.onnx_file, manifest.prefill_file)))
+    assert files > (smollm2_fused_int4 / f"{manifest.onnx_file}.data").stat().st_size  # external data counted
+    assert _fits_beside(graphs, "m", memory=files * 8)
+    assert not _fits_beside(graphs, "m", memory=files * 8 - 1)
+    assert _fits_beside([graphs[0], None], "m", memory=files * 8 - 1)  # the decode graph alone (prefill_graph false)
+
+    machine = memory_bytes(tmp_path / "no-cgroup")
+    limit = tmp_path / "memory.max"
+    limit.write_text(f"{2**30}\n")
+    assert memory_bytes(limit) == 2**30 < machine
+    limit.write_text("max\n")
+    assert memory_bytes(limit) == machine
+
+    decoder = Decoder(smollm2_fused_int4, manifest, threads=2, beside="auto")
+    assert (decoder.beside_sessions is not None) == _fits_beside(graphs, "m")
+    assert Decoder(smollm2_fused_int4, manifest, threads=1, beside="auto").beside_sessions is None

@@ -129,6 +129,16 @@ def test_providers_from_env_and_cli_strings(monkeypatch: pytest.MonkeyPatch) -> 
     assert load_settings(overrides={"runtime": {"providers": "auto"}}).runtime.providers == "auto"
 
 
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", True), ("false", False), ("0", False)])
+def test_prefill_beside_is_auto_true_or_false(monkeypatch: pytest.MonkeyPatch, value: str, expected: object) -> None:
+    assert load_settings().runtime.prefill_beside == "auto"
+    monkeypatch.setenv("FASTLLM_RUNTIME__PREFILL_BESIDE", value)
+    assert load_settings().runtime.prefill_beside == expected
+    monkeypatch.setenv("FASTLLM_RUNTIME__PREFILL_BESIDE", "sometimes")
+    with pytest.raises(ConfigError, match="FASTLLM_RUNTIME__PREFILL_BESIDE"):
+        load_settings()
+
+
 def test_unrelated_fastllm_env_variables_are_not_config(monkeypatch: pytest.MonkeyPatch) -> None:
     # tests/conftest.py reads FASTLLM_TEST_GPU; a top-level name that is no setting is left alone.
     monkeypatch.setenv("FASTLLM_TEST_GPU", "1")

@@ -127,6 +127,25 @@ def test_an_answer_is_reused_by_the_next_turn(smollm2_fp32: Path) -> None:
         on.close()
 
 
+def test_a_store_that_fails_after_the_first_token_costs_only_the_reuse(smollm2_fp32: Path) -> None:
+    """The prefix store copies a prompt's KV after its first token is sent and its rows have joined the batch: a
+    fault there (memory, say) is logged, the request answers as it would have, and the engine serves on."""
+    class Failing(PrefixCache):
+        def store(self, ids: list[int], kv: list[np.ndarray], copies: object = None) -> None:
+            raise MemoryError("no room for the blocks")
+
+    off, on = _load(smollm2_fp32, 0), _load(smollm2_fp32, 64)
+    try:
+        on.generator.prefix_cache = Failing(64 * 2**20)
+        prompt = on.tokenizer.encode("The lighthouse keeper climbed the stairs and " * 8, add_special_tokens=False)
+        expected, _ = _greedy(off, prompt)
+        for _ in range(2):  # the second time, nothing was kept to reuse
+            assert _greedy(on, prompt) == (expected, 0)
+    finally:
+        off.close()
+        on.close()
+
+
 def _kv(blocks: int, block: int = 4) -> list[np.ndarray]:
     return [np.full((2, blocks * block, 8), float(i), dtype=np.float32) for i in range(4)]
 

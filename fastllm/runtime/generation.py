@@ -497,7 +497,7 @@ class GenerationEngine:
         present = [to_host(p)[:, :, :end] for p in out.present]
         pending.reused = (end, present)
         if self.prefix_cache is not None:
-            self.prefix_cache.store(pending.request.prompt_ids[:end], [p[0] for p in present], pending.block_copies)
+            self._keep(pending.request.prompt_ids[:end], [p[0] for p in present], pending.block_copies)
             pending.block_copies = None
         self.stats.prefill_chunks += 1
 
@@ -523,10 +523,6 @@ class GenerationEngine:
             out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past, beside=beside)
         else:
             out = self.decoder.prefill([p.request.prompt_ids for p in group], beside=beside)
-        if self.prefix_cache is not None:
-            present = [to_host(p) for p in out.present]
-            for row, pending in enumerate(group):
-                self.prefix_cache.store(pending.request.prompt_ids, [p[row] for p in present])
         self.stats.prefill_runs += 1
         rows: list[int] = []
         alive: list[_Sequence] = []
@@ -564,6 +560,22 @@ class GenerationEngine:
         self._update_stats()
         for pending, deltas in sent:
             pending.send(deltas)
+        # After the first tokens are on their way: copying a long prompt's KV into the store is not what its client
+        # waits for (4k tokens of SmolLM2, 188 MB: 50 ms on memory the heap recycles, 430-550 ms on fresh pages).
+        # Before the next step, which may write into the same buffers beyond the prompt.
+        if self.prefix_cache is not None:
+            present = [to_host(p) for p in out.present]
+            for row, pending in enumerate(group):
+                self._keep(pending.request.prompt_ids, [p[row] for p in present])
+
+    def _keep(self, ids: list[int], kv: list[Any], copies: dict[int, list[np.ndarray]] | None = None) -> None:
+        """Keep KV in the prefix store. The store only saves later work, so a fault in it (no memory for the
+        blocks, say) costs the reuse, not a request: after a prefill the rows have joined and their first tokens
+        are sent (_prefill_group would read them again), and a finished row's step serves the others too."""
+        try:
+            self.prefix_cache.store(ids, kv, copies)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("keeping KV in the prefix cache failed for %s", self.name)
 
     def _can_verify(self, name: str) -> bool:
         """Drafted tokens are verified on shared KV buffers (a row that rejects some just keeps a shorter
@@ -687,7 +699,7 @@ class GenerationEngine:
             for seq in self._running:
                 if id(seq) not in kept and seq.finish_reason in ("stop", "length"):
                     kv = self._cache.row(rows[id(seq)])
-                    self.prefix_cache.store([*seq.request.request.prompt_ids, *seq.output][: kv[0].shape[1]], kv)
+                    self._keep([*seq.request.request.prompt_ids, *seq.output][: kv[0].shape[1]], kv)
         if self.prefix_cache is not None and not keep and self._cache.rows == 1 and self._cache.shared and \
                 isinstance(self._cache.past[0], np.ndarray):  # a lone sequence's buffers, for its next turn
             self.prefix_cache.hold(self._running[0].request.request.prompt_ids, self._cache.past)

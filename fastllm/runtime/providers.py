@@ -78,6 +78,17 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def memory_bytes(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
+    """The memory this process may use: the machine's, or its container's limit (cgroup v2) where lower, as in a
+    Kubernetes pod or a `docker run --memory`, where the machine's would overstate it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = cgroup.read_text().strip()
+    except OSError:
+        return total
+    return min(total, int(limit)) if limit.isdigit() else total
+
+
 @dataclass
 class LoadedSession:
     session: Any
