@@ -114,7 +114,7 @@ class RuntimeConfig(_Section):
     prefill_stall_ratio: float = Field(default=3.0, ge=0.0)
     # On the CPU, read such a prompt instead in a thread of its own, beside the decode steps, each on half the cores:
     # the running streams' gaps between tokens stay about twice their usual, where chunks make them three to four
-    # times; it loads the model's graphs a second time (SmolLM2 int4: 713 instead of 417 MiB). "auto": where the
+    # times; it loads the model's graphs a second time (SmolLM2 int4: 696 instead of 407 MiB). "auto": where the
     # graphs' files take at most an eighth of the memory (the machine's, or the container's limit).
     prefill_beside: bool | Literal["auto"] = "auto"
     # Read prompts through the export's int8 prompt graph where it has one (CPU; about twice as fast a prefill as

@@ -37,8 +37,8 @@ KV = Any  # np.ndarray on the host, or onnxruntime.OrtValue on the device betwee
 PROMPT_PIECE = 256
 
 # ``beside="auto"`` loads the second pair of sessions where the graphs' files take at most this share of the
-# memory: they hold about as much again (SmolLM2-135M int4, 210 MB of files: the server 713 instead of 417 MiB;
-# Qwen2.5-Coder-0.5B, 757 MB: 2.2 instead of 1.2 GiB). On 24 GB, models up to about 1.5B at int4 with their int8
+# memory: they hold about as much again (SmolLM2-135M int4, 210 MB of files: the server 696 instead of 407 MiB;
+# Qwen2.5-Coder-0.5B, 757 MB: 2.1 instead of 1.1 GiB). On 24 GB, models up to about 1.5B at int4 with their int8
 # prompt graph; a 7B's 11 GB would not be doubled.
 BESIDE_MEMORY_SHARE = 1 / 8
 
