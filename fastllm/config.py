@@ -120,6 +120,12 @@ class RuntimeConfig(_Section):
     # Read prompts through the export's int8 prompt graph where it has one (CPU; about twice as fast a prefill as
     # the int4 graph, which still decodes); false leaves its memory free (as much again as the int4 weights).
     prefill_graph: bool = True
+    # Decode steps of at least this many rows also run through that prompt graph: its integer GEMM outruns the int4
+    # kernel once a step multiplies several rows (2-core Xeon: +7% at 4 rows, +14% / +34% at 8 for SmolLM2 /
+    # Qwen2.5-Coder-0.5B; slower at 1-2). A request's greedy answer then depends on how many others decode beside
+    # it, as each graph rounds its own way. 0: every decode step through the int4 graph, greedy answers the same
+    # alone and batched (batch-invariant).
+    int8_decode_rows: int = Field(default=4, ge=0)
     # Requests waiting for a slot before new ones get 429.
     max_queue: int = Field(default=64, ge=0)
     # Largest `n` (choices per request) a request may ask for.

@@ -96,8 +96,9 @@ def _solo_then_together(engine: GenerationEngine, prompts: list[list[int]],
     return alone, batched, engine.stats.prefill_runs - runs
 
 
-def _load(folder: Path) -> ServedModel:
-    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(max_batch_size=8), Path("models"))
+def _load(folder: Path, **runtime: object) -> ServedModel:
+    return load_model(ModelConfig(model_id=str(folder)), RuntimeConfig(**{"max_batch_size": 8, **runtime}),
+                      Path("models"))
 
 
 def test_right_padded_batches_give_each_request_its_solo_answer(smollm2_fused: Path) -> None:
@@ -154,17 +155,41 @@ def test_int4_batches_give_each_request_its_solo_answer(export: str, request: py
     GroupQueryAttention give bit-identical decode steps at batch 1 and 16, but MLAS picks kernels by CPU and by
     rows, so elsewhere a batched answer may part from its solo answer at a near-tie, and only there. A batching
     bug (a row reading another's KV, a wrong pad) parts at the first token, far from any tie. Multi-token steps
-    round differently from single-token ones: see docs/speculative-decoding.md."""
-    model = _load(request.getfixturevalue(export))
+    round differently from single-token ones: see docs/speculative-decoding.md. ``int8_decode_rows = 0`` keeps
+    every decode step on the int4 graph: the batch-invariant setting."""
+    model = _load(request.getfixturevalue(export), int8_decode_rows=0)
     try:
         solo = _traces(model, together=False)
         together = _traces(model, together=True)
+        assert model.generator.stats.int8_steps == 0
     finally:
         model.close()
     assert all(solo) and len({tuple(lp.token_id for lp in t) for t in solo}) == len(solo)
     partings = {QUESTIONS[i]: why for i, (a, b) in enumerate(zip(solo, together, strict=True))
                 if (why := _parting(a, b))}
     assert not partings
+
+
+def test_wide_decode_steps_run_through_the_int8_graph_and_batch_like_solo_there(smollm2_fused_int4: Path) -> None:
+    """With ``int8_decode_rows`` (4 by default), a decode step of that many rows runs through the export's int8
+    prompt graph. Its GEMM is integer arithmetic and its activations are quantized per token, so a row computes
+    there what it computes alone: with every step on that graph (1), batched answers equal solo ones exactly. With
+    the default, steps of the eight questions together take that graph and alone they do not."""
+    everywhere = _load(smollm2_fused_int4, int8_decode_rows=1)
+    default = _load(smollm2_fused_int4)
+    try:
+        solo = _traces(everywhere, together=False)
+        steps = everywhere.generator.stats.steps
+        assert everywhere.generator.stats.int8_steps == steps > 0
+        assert _traces(everywhere, together=True) == solo
+        assert all(solo) and len({tuple(lp.token_id for lp in t) for t in solo}) == len(solo)
+        _traces(default, together=False)
+        assert default.generator.stats.int8_steps == 0
+        _traces(default, together=True)
+        assert default.generator.stats.int8_steps > 0
+    finally:
+        everywhere.close()
+        default.close()
 
 
 @pytest.mark.parametrize(("name", "dtype", "symmetric"), [("llama", "fp32", True), ("qwen2", "fp32", True),

@@ -267,5 +267,5 @@ def test_kv_memory_and_its_budgets_show_in_models_and_metrics(client: openai.Ope
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("fastllm_kv_budget_bytes", "fastllm_kv_cache_bytes", "fastllm_prefix_cache_hits",
                  "fastllm_prefix_cache_queries", "fastllm_prefix_cache_cached_tokens",
-                 "fastllm_prefix_cache_evicted_blocks"):
+                 "fastllm_prefix_cache_evicted_blocks", "fastllm_decode_steps", "fastllm_decode_steps_int8"):
         assert f'{name}{{model="{CHAT}"}}' in metrics

@@ -236,7 +236,8 @@ class Decoder:
                 slot: str = "batch", prompt: bool = False, beside: bool = False) -> StepOutput:
         """Run one step; ``attention_mask`` covers past and new tokens, 0 marks padding. ``keep``: the last
         positions per row whose logits ``all_logits`` returns, where the graph computes only those. ``prompt``:
-        the new tokens are a prompt's, for the prompt graph where the export has one. ``beside``: a prompt is
+        through the prompt graph where the export has one (a prompt's tokens, or a decode step of many rows:
+        GenerationEngine._decode_step). ``beside``: a prompt is
         being read beside the decode steps, so both run on the sessions with half the threads, where there are.
 
         ``in_place`` (with ``shares_kv``): ``past`` are buffers with spare columns, bound as the present

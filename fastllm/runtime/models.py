@@ -155,6 +155,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
             prefix_cache=prefix_cache, prefill_chunk=runtime.prefill_chunk_tokens,
             prefill_stall_ratio=runtime.prefill_stall_ratio,
             kv_budget_bytes=runtime.kv_budget_mb * 2**20 if runtime.kv_budget_mb else None,
+            int8_decode_rows=runtime.int8_decode_rows,
             drafter=_drafter(config, tokenizer, models_dir, options),
         )
         template = ChatTemplate.for_model(folder, tokenizer.config, bos_token=tokenizer.bos_token,

@@ -44,6 +44,11 @@ class Metrics:
                                 ("drafted_tokens", "Tokens drafted by speculative decoding and verified"),
                                 ("accepted_tokens", "Drafted tokens the model agreed with (acceptance rate = "
                                                     "accepted / drafted)"))}
+        self.decode_steps = {name: Gauge(f"fastllm_{name}", help_text, ["model"], registry=r)
+                             for name, help_text in (
+                                 ("decode_steps", "Decode steps run"),
+                                 ("decode_steps_int8", "Of those, steps of int8_decode_rows or more rows run through "
+                                                       "the int8 prompt graph"))}
         self.kv_cache_bytes = Gauge("fastllm_kv_cache_bytes", "Memory the running batch's KV cache holds", ["model"],
                                     registry=r)
         self.kv_budget_bytes = Gauge("fastllm_kv_budget_bytes", "The running batch's KV memory budget (0 = none)",
@@ -55,6 +60,8 @@ class Metrics:
         self.batch_size.labels(model).set_function(lambda: stats().running)
         self.speculative["drafted_tokens"].labels(model).set_function(lambda: stats().drafted_tokens)
         self.speculative["accepted_tokens"].labels(model).set_function(lambda: stats().accepted_tokens)
+        self.decode_steps["decode_steps"].labels(model).set_function(lambda: stats().steps)
+        self.decode_steps["decode_steps_int8"].labels(model).set_function(lambda: stats().int8_steps)
 
     def watch_kv(self, model: str, engine: Any) -> None:
         self.kv_cache_bytes.labels(model).set_function(engine.kv_bytes)
