@@ -8,6 +8,7 @@ the libraries.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import struct
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fastllm.errors import ExportError
+from fastllm.runtime.providers import CGROUP_MEMORY_MAX, cgroup_memory_limit
 
 # torch, transformers, onnxruntime and the builder, resident before the first weight is read.
 LIBRARIES = 0.6e9
@@ -75,13 +77,10 @@ def available() -> float | None:
         except ImportError:
             return None
         free = float(psutil.virtual_memory().available)
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max" and free is not None:
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):
-        pass
+    limit = cgroup_memory_limit()
+    if limit is not None and free is not None:
+        with contextlib.suppress(OSError, ValueError):  # no usage to read: what the machine has stands
+            free = min(free, limit - int(CGROUP_MEMORY_MAX.with_name("memory.current").read_text()))
     return free
 
 

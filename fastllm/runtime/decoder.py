@@ -90,10 +90,8 @@ class Decoder:
         # the memory allows (BESIDE_MEMORY_SHARE)
         self.beside_sessions: tuple[ort.InferenceSession, ort.InferenceSession] | None = None
         half = (threads or physical_cores()) // 2
-        if beside == "auto":
-            beside = half > 0 and self.provider == "CPUExecutionProvider" and \
-                _fits_beside([onnx_path, prefill_path], folder.name)
-        if beside and half and self.provider == "CPUExecutionProvider":
+        if half and self.provider == "CPUExecutionProvider" and (
+                _fits_beside([onnx_path, prefill_path], folder.name) if beside == "auto" else beside):
             decode = create_session(onnx_path, requested=["CPUExecutionProvider"], threads=half,
                                     spinning=spinning, spin_after_run=False).session
             # On one thread a run computes on its caller's, so the two may share a session of the one graph.

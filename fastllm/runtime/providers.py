@@ -78,15 +78,25 @@ def physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def memory_bytes(cgroup: Path = Path("/sys/fs/cgroup/memory.max")) -> int:
-    """The memory this process may use: the machine's, or its container's limit (cgroup v2) where lower, as in a
-    Kubernetes pod or a `docker run --memory`, where the machine's would overstate it."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+CGROUP_MEMORY_MAX = Path("/sys/fs/cgroup/memory.max")
+
+
+def cgroup_memory_limit(cgroup: Path = CGROUP_MEMORY_MAX) -> int | None:
+    """This process's container memory limit (cgroup v2) in bytes, as a Kubernetes pod or `docker run --memory`
+    sets it; None where there is none ("max") or no cgroup v2 to ask."""
     try:
         limit = cgroup.read_text().strip()
     except OSError:
-        return total
-    return min(total, int(limit)) if limit.isdigit() else total
+        return None
+    return int(limit) if limit.isdigit() else None
+
+
+def memory_bytes(cgroup: Path = CGROUP_MEMORY_MAX) -> int:
+    """The memory this process may use: the machine's, or its container's limit where lower, where the machine's
+    would overstate it."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = cgroup_memory_limit(cgroup)
+    return total if limit is None else min(total, limit)
 
 
 @dataclass
