@@ -71,6 +71,10 @@ def _page(path: Path) -> list[str]:
 
 def main() -> None:
     results, docs = Path(sys.argv[1]), Path(sys.argv[2])
+    if not list(results.glob("engine-fastllm.*.json")):
+        # Checked before anything is written: the page, its plot and its JSON would otherwise be overwritten
+        # with an empty run.
+        sys.exit(f"{results} holds no engine-fastllm.*.json: run scripts/benchmarks.sh first (RESUME=1 keeps results)")
     reports = [read_report(path) for path in sorted(results.glob("server-*.json"))]
     runs = [run for found in reports for run in found.runs]
     # The page can be composed again after one part ran anew (SKIP=...): each part's run is dated.
