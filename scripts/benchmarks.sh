@@ -44,7 +44,7 @@ echo "== peers' venvs" >&2
 scripts/peers/hf.sh
 hf_python=.cache/peers/hf/bin/python
 # shellcheck disable=SC1091
-source scripts/peers/venv.sh llamacpp "llama-cpp-python[server]==0.3.36"
+source scripts/peers/llamacpp_venv.sh
 llama_python="$peer_python"
 
 bench_server() {  # LABEL PORT ARGS... -- then the server command after "--"

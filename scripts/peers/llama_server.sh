@@ -7,9 +7,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=.cache/peers/llama.cpp
-# Built for this CPU, but without ggml's AMX matmul: on a Xeon with AMX (in a VM) llama-server crashed in
-# ggml_backend_amx_mul_mat at its first graph (SIGSEGV), so AMX is left to the AVX-512 kernels.
-cflags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# shellcheck disable=SC1091
+source scripts/peers/ggml_flags.sh  # for this CPU, without ggml's AMX matmul (see there)
+cflags="$ggml_cflags"
 bin="$root/bin-$(echo "$cflags" | sha256sum | cut -c1-8)"
 if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
   mkdir -p "$root"

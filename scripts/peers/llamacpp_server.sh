@@ -9,7 +9,7 @@ port="${1:-8091}"
 threads="${2:-$(nproc)}"
 export CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)"
 # shellcheck disable=SC1091
-source scripts/peers/venv.sh llamacpp "llama-cpp-python[server]==0.3.36"
+source scripts/peers/llamacpp_venv.sh
 gguf="$(scripts/fetch_smollm2.sh)"
 exec "$peer_python" -m llama_cpp.server --model "$gguf" --host 127.0.0.1 --port "$port" \
   --n_ctx 2048 --n_threads "$threads" --n_threads_batch "$threads" --model_alias smollm2 \

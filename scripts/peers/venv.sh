@@ -3,9 +3,9 @@
 #   source scripts/peers/venv.sh NAME PACKAGE...
 peer_name="$1"; shift
 peer_venv=".cache/peers/$peer_name"
-peer_stamp="$peer_venv/.installed-$(echo "$*" | sha256sum | cut -c1-12)"
+peer_stamp="$peer_venv/.installed-$(echo "$*${peer_flags:+ $peer_flags}" | sha256sum | cut -c1-12)"
 if [ ! -f "$peer_stamp" ]; then
-  python3 -m venv "$peer_venv"
+  python3 -m venv --clear "$peer_venv"  # what an older install left (other flags, other versions) goes
   "$peer_venv/bin/python" -m pip install -q --upgrade pip
   "$peer_venv/bin/python" -m pip install -q "$@"
   touch "$peer_stamp"
