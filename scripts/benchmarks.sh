@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole comparison, one server at a time on this machine, written to docs/benchmarks.md (+ .png, .json):
-#   scripts/benchmarks.sh            # ~2 h on 2 cores (peer installs and the llama.cpp build the first time)
+#   scripts/benchmarks.sh            # ~1 h on 2 cores; ~2 h the first time (peer installs, llama.cpp builds)
 #   RESUME=1 scripts/benchmarks.sh   # keep the results already in .cache/bench, run only what is missing
 #   SKIP=llama_server,interleaved,long_prompts,embeddings scripts/benchmarks.sh  # keep those pages as they are
 #

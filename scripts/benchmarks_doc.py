@@ -241,13 +241,15 @@ def main() -> None:
         "",
         "## Where a decode step's time goes",
         "",
-        "`scripts/profile_step.py`: ONNX Runtime's profiler over the engine's own decode step (shared KV buffers "
-        "bound in place), after 256 tokens per row; medians. \"Weights read\" is the int4 file over the step's "
-        "time: one stream of Qwen2.5-Coder-0.5B reads near this machine's bandwidth (25–39 GB/s measured "
-        "with 1–2 threads), so it is bound by memory; at 8 rows the int4 kernel computes in int8 and its time "
-        "grows with the rows (about 17 µs per row for an 896×4864 weight: compute-bound), and GroupQueryAttention "
-        "runs a small GEMM pair per row and query head. Our Python is well under a millisecond a step; the "
-        "profiler itself adds 1–2 ms (the server's own gap between tokens is the ITL column above).",
+        "`scripts/profile_step.py`: ONNX Runtime's profiler over the engine's own decode step through the int4 "
+        "graph (shared KV buffers bound in place), after 256 tokens per row; medians. \"Weights read\" is the int4 "
+        "file over the step's time, to set against the machine's memory bandwidth (25–39 GB/s measured with 1–2 "
+        "threads on a 2-core AMD EPYC VM): one stream is bound by the "
+        "int4 kernel's reading and unpacking of the weights; at 8 rows that kernel computes in int8 and its time "
+        "grows with the rows (compute-bound), which is why the server sends steps of `int8_decode_rows` rows or more "
+        "through the int8 prompt graph instead; GroupQueryAttention runs a small GEMM pair per row and query head. "
+        "Our Python is well under a millisecond a step; the profiler itself adds 1–2 ms (the server's own gap "
+        "between tokens is the ITL column above).",
         "",
         *profile,
         "",
