@@ -3,7 +3,7 @@
 # gives each round's ratio and their median. On a shared 2-core VM the machine's speed drifts by 20-30% over
 # minutes (the same FastLLM build gave 120, 132 and 162 tok/s to one client in three runs in a row), so a whole
 # sweep of one server and then the other (scripts/bench_llama_server.sh) can land in different phases; here both
-# see every phase alike. Written to docs/benchmarks-interleaved.md:
+# see every phase alike. Written to docs/benchmarks-interleaved.md (and its medians to .json, for docs/benchmarks.md):
 #   scripts/bench_interleaved.sh                          # SmolLM2-135M and Qwen2.5-Coder-0.5B, 7 rounds, ~7 min
 #   ROUNDS=5 LEVELS=1,4,8 MODELS=smollm2 scripts/bench_interleaved.sh
 # Same load as scripts/bench_llama_server.sh (streamed chat, 128 greedy tokens, end tokens banned), llama-server
@@ -61,6 +61,7 @@ print(f"{machine}; `scripts/bench_interleaved.sh`: {rounds} rounds, each measuri
 print("| model | clients | FastLLM tok/s, each round | llama-server tok/s, each round | ratio, each round | "
       "median ratio | TTFT p50 ms, FastLLM / llama-server (medians) |")
 print("|---|---|---|---|---|---|---|")
+medians = []  # what docs/benchmarks.md's headline takes
 for model, title in titles.items():
     for clients in sorted({key[3] for key in levels if key[0] == model}):
         ours = [levels[(model, "fastllm", r, clients)] for r in range(1, rounds + 1)]
@@ -71,5 +72,8 @@ for model, title in titles.items():
         each = " / ".join(f"{r:.2f}" for r in ratios)
         print(f"| {title} | {clients} | {cells[0]} | {cells[1]} | {each} | **{statistics.median(ratios):.2f}×** | "
               f"{ttft[0]:.1f} / {ttft[1]:.1f} |")
+        medians.append({"model": title, "clients": clients, "ratio": round(statistics.median(ratios), 2),
+                        "ttft_p50_ms": [round(t, 1) for t in ttft]})
+Path("docs/benchmarks-interleaved.json").write_text(json.dumps(medians, indent=1) + "\n")
 PY
 echo "wrote docs/benchmarks-interleaved.md" >&2

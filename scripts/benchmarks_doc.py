@@ -69,15 +69,11 @@ def _page(path: Path) -> list[str]:
     return [*body.splitlines(), ""]
 
 
-def _interleaved(path: Path) -> dict[tuple[str, int], tuple[str, str]]:
-    """(model, clients) -> (median ratio, TTFT p50 ours / theirs) from the round-by-round page's table, whose
-    medians are the steadier measure of the server targets on a machine whose speed drifts between sweeps."""
-    found = {}
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        cells = [cell.strip() for cell in line.strip("|").split("|")]
-        if len(cells) == 7 and cells[1].isdigit():
-            found[(cells[0], int(cells[1]))] = (cells[5].strip("*"), cells[6])
-    return found
+def _interleaved(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
+    """(model, clients) -> the round-by-round page's median ratio and TTFTs (scripts/bench_interleaved.sh), the
+    steadier measure of the server targets on a machine whose speed drifts between sweeps; {} if not run."""
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    return {(row["model"], row["clients"]): row for row in rows}
 
 
 def main() -> None:
@@ -121,13 +117,14 @@ def main() -> None:
     genai = peers.get("genai", {})
     embed = by_label.get("FastLLM MiniLM", {})
     st_32 = (st or {}).get("inputs_per_s", {}).get("32")
-    alternating = _interleaved(docs / "benchmarks-interleaved.md")
+    alternating = _interleaved(docs / "benchmarks-interleaved.json")
 
     def rounds_cell(model: str, clients: int) -> str:
-        if (model, clients) not in alternating:
+        row = alternating.get((model, clients))
+        if row is None:
             return "not run"
-        ratio, ttfts = alternating[(model, clients)]
-        return f"**{ratio}** (TTFT p50 {ttfts.replace(' / ', ' vs ')} ms)"
+        ours, theirs = row["ttft_p50_ms"]
+        return f"**{row['ratio']:.2f}×** (TTFT p50 {ours} vs {theirs} ms)"
 
     headline = [
         "| comparison | measured | target |",

@@ -8,9 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 root=.cache/peers/llama.cpp
 # shellcheck disable=SC1091
-source scripts/peers/ggml_flags.sh  # for this CPU, without ggml's AMX matmul (see there)
-cflags="$ggml_cflags"
-bin="$root/bin-$(echo "$cflags" | sha256sum | cut -c1-8)"
+source scripts/peers/ggml_flags.sh  # ggml_cflags: for this CPU, without ggml's AMX matmul (see there)
+bin="$root/bin-$(echo "$ggml_cflags" | sha256sum | cut -c1-8)"
 if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
   mkdir -p "$root"
   sdist=$(ls "$root"/llama_cpp_python-0.3.36.tar.gz 2>/dev/null || true)
@@ -22,7 +21,7 @@ if [ ! -x "$bin/llama-server" ] || [ ! -x "$bin/llama-quantize" ]; then
   tar -xzf "$sdist" -C "$root/src" --strip-components=1
   cmake -S "$root/src/vendor/llama.cpp" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-    -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_C_FLAGS="$cflags" -DCMAKE_CXX_FLAGS="$cflags" >&2
+    -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_C_FLAGS="$ggml_cflags" -DCMAKE_CXX_FLAGS="$ggml_cflags" >&2
   cmake --build "$root/build" --target llama-server llama-quantize -j "$(nproc)" >&2
   mkdir -p "$bin" && cp "$root/build/bin/llama-server" "$root/build/bin/llama-quantize" "$bin/"
 fi
