@@ -174,7 +174,7 @@ def test_chunks_written_in_place_give_the_whole_prefill(smollm2_fused_int4: Path
     whole = decoder.prefill([prompt])
     store = PrefixCache(2**30)  # the buffers of a cached prefix are the ones the prefix store fills (32 tokens)
     store.store(prompt[:37], [p[0] for p in decoder.prefill([prompt[:37]]).present])
-    cached, filled = store.match(prompt, len(prompt))
+    cached, filled, _ = store.match(prompt, len(prompt))
     assert cached == 32
     for done, buffers in ((0, decoder.kv_buffers(len(prompt))), (cached, filled)):
         for size in (8, 29, 64, 16, 100, 1000):

@@ -270,7 +270,7 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
     folder = tiny_export(name, graph="fused")  # export validation: 32 greedy tokens equal PyTorch's
     manifest = read_manifest(folder)
     assert manifest.graph == "fused" and _ops(folder)["GroupQueryAttention"] == manifest.num_layers
-    model = _load(folder)
+    model = _load(folder, prefix_cache_mb=0)  # together, the prompts are read again, not reused whole
     engine = model.generator
     assert engine is not None
     prompts = [[(7 * i + j) % 50 + 5 for j in range(3 + 2 * i)] for i in range(6)]
@@ -279,7 +279,7 @@ def test_every_fused_architecture_is_exact_and_batches_like_solo(name: str) -> N
         alone, batched, runs = _solo_then_together(engine, prompts, 12)
         assert batched == alone
         # The six prompts (3 to 13 tokens) arrive together and share one or two prefill runs.
-        assert runs <= 2
+        assert 1 <= runs <= 2
         # Batched prefill, row by row, is what each prompt computes alone.
         decoder = engine.decoder
         assert manifest.logits == "per-row" and decoder.batched_prefill
@@ -310,7 +310,7 @@ def test_fused_int4_for_gpus_keeps_fp16_activations() -> None:
     past = next(i for i in graph.input if i.name == "past_key_values.0.key")
     assert past.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
     assert _ops(folder)["MatMulNBits"] > 0 and _ops(folder)["GroupQueryAttention"] == manifest.num_layers
-    model = _load(folder)
+    model = _load(folder, prefix_cache_mb=0)  # together, the prompts are read again, not reused whole
     engine = model.generator
     assert engine is not None
     prompts = [[(3 * i + j) % 50 + 5 for j in range(4 + 3 * i)] for i in range(4)]

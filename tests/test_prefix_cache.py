@@ -44,7 +44,7 @@ def _load(folder: Path, prefix_cache_mb: int, **runtime: object) -> ServedModel:
 def _token_exact(folder: Path, shared: list[int], tails: list[list[int]], same: int | None = None,
                  **runtime: object) -> None:
     """Each prompt (shared + tail) gives the same greedy tokens (the first ``same``) with the cache off and on,
-    reusing the shared part's full blocks from the second prompt on."""
+    reusing the shared part's full blocks from the second prompt on, and all of a prompt read before."""
     off, on = _load(folder, 0, **runtime), _load(folder, 64, **runtime)
     try:
         for i, tail in enumerate(tails):
@@ -54,7 +54,8 @@ def _token_exact(folder: Path, shared: list[int], tails: list[list[int]], same: 
             assert got[:same] == expected[:same]
             assert none == 0
             block = on.generator.prefix_cache.block
-            assert cached == (0 if i == 0 else len(shared) // block * block)
+            again = tail in tails[:i]
+            assert cached == (len(prompt) if again else 0 if i == 0 else len(shared) // block * block)
     finally:
         off.close()
         on.close()
@@ -71,7 +72,7 @@ def _token_exact(folder: Path, shared: list[int], tails: list[list[int]], same: 
 def test_reuse_is_token_exact_on_every_architecture(name: str, options: dict) -> None:
     rng = np.random.default_rng(0)
     shared = [int(t) for t in rng.integers(10, 300, 70)]
-    _token_exact(tiny_export(name, **options), shared, [[11, 12, 13], [14, 15], [16, 17, 18, 19, 20]])
+    _token_exact(tiny_export(name, **options), shared, [[11, 12, 13], [14, 15], [16, 17, 18, 19, 20], [14, 15]])
 
 
 @pytest.mark.parametrize("graph", [{}, {"graph": "fused"}])
@@ -80,7 +81,8 @@ def test_reuse_is_token_exact_with_the_cache_bound_as_on_gpus(graph: dict) -> No
     and joins), run on the CPU."""
     rng = np.random.default_rng(1)
     shared = [int(t) for t in rng.integers(10, 300, 40)]
-    _token_exact(tiny_export("llama", **graph), shared, [[11, 12, 13], [14, 15, 16, 17]], io_binding="on")
+    _token_exact(tiny_export("llama", **graph), shared, [[11, 12, 13], [14, 15, 16, 17], [11, 12, 13]],
+                 io_binding="on")
 
 
 @pytest.mark.gpu
@@ -91,8 +93,8 @@ def test_reuse_on_cuda_matches_the_cache_off(options: dict) -> None:
     than without one, hence the first tokens only, as in test_fused's CUDA tests)."""
     rng = np.random.default_rng(2)
     shared = [int(t) for t in rng.integers(10, 300, 40)]
-    _token_exact(tiny_export("llama", graph="fused", **options), shared, [[11, 12, 13], [14, 15, 16, 17]], same=4,
-                 providers=["CUDAExecutionProvider"])
+    _token_exact(tiny_export("llama", graph="fused", **options), shared, [[11, 12, 13], [14, 15, 16, 17], [11, 12, 13]],
+                 same=4, providers=["CUDAExecutionProvider"])
 
 
 @pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
@@ -101,9 +103,47 @@ def test_reuse_is_token_exact_on_smollm2(export: str, request: pytest.FixtureReq
     model = _load(folder, 0)
     encode = model.tokenizer.encode
     shared = encode("You are a helpful assistant who answers in one short sentence. " * 6, add_special_tokens=False)
-    tails = [encode(q, add_special_tokens=False) for q in ("What is 2+2?", "Name a color.", "Where is Paris?")]
+    tails = [encode(q, add_special_tokens=False) for q in ("What is 2+2?", "Name a color.", "What is 2+2?")]
     model.close()
     _token_exact(folder, shared, tails)
+
+
+@pytest.mark.parametrize("export", ["smollm2_fp32", "smollm2_fused_int4"])
+def test_repeated_prompts_arriving_together_are_not_read_again(export: str, request: pytest.FixtureRequest) -> None:
+    """Prompts read whole before compute nothing: each first token comes from the logits kept with them, and
+    they join the batch together (held back here while they queue, so that one admission finds them all), with
+    every token as with the cache off (int4 decode steps kept batch-invariant: int8_decode_rows = 0)."""
+    folder = request.getfixturevalue(export)
+    off, on = _load(folder, 0, int8_decode_rows=0), _load(folder, 64, int8_decode_rows=0)
+    try:
+        encode, engine = on.tokenizer.encode, on.generator
+        prompts = [encode(f"Question {i}: " + "why is the sky blue? " * i, add_special_tokens=False)
+                   for i in range(1, 5)]
+        expected = [_greedy(off, p)[0] for p in prompts]
+        assert [_greedy(on, p) for p in prompts] == [(ids, 0) for ids in expected]  # read, and kept whole
+        runs, whole = engine.stats.prefill_runs, engine.prefix_cache.stats.whole_hits
+
+        async def together() -> list[tuple[list[int], int]]:
+            async def one(prompt: list[int]) -> tuple[list[int], int]:
+                ids, cached = [], 0
+                request = GenerationRequest(prompt_ids=prompt, params=SamplingParams(temperature=0.0), max_tokens=12,
+                                            ignore_eos=True)
+                async for step in engine.generate(request):
+                    ids += [t for d in step for t in d.token_ids]
+                    cached = max([cached, *(d.cached_tokens for d in step)])
+                return ids, cached
+
+            with engine._wake:  # the engine thread waits for this lock (an RLock) to admit anything
+                tasks = [asyncio.ensure_future(one(p)) for p in prompts]
+                while len(engine._waiting) < len(prompts):
+                    await asyncio.sleep(0)
+            return list(await asyncio.gather(*tasks))
+
+        assert asyncio.run(together()) == [(ids, len(p)) for ids, p in zip(expected, prompts, strict=True)]
+        assert engine.stats.prefill_runs == runs and engine.prefix_cache.stats.whole_hits == whole + len(prompts)
+    finally:
+        off.close()
+        on.close()
 
 
 def test_an_answer_is_reused_by_the_next_turn(smollm2_fp32: Path) -> None:
@@ -131,7 +171,7 @@ def test_a_store_that_fails_after_the_first_token_costs_only_the_reuse(smollm2_f
     """The prefix store copies a prompt's KV after its first token is sent and its rows have joined the batch: a
     fault there (memory, say) is logged, the request answers as it would have, and the engine serves on."""
     class Failing(PrefixCache):
-        def store(self, ids: list[int], kv: list[np.ndarray], copies: object = None) -> None:
+        def store(self, ids: list[int], kv: list[np.ndarray], copies: object = None, logits: object = None) -> None:
             raise MemoryError("no room for the blocks")
 
     off, on = _load(smollm2_fp32, 0), _load(smollm2_fp32, 64)
@@ -162,7 +202,7 @@ def test_eviction_keeps_the_budget_and_takes_leaves_before_their_prefixes() -> N
     assert cache.stats.stored_blocks == 4 + 19 * 2  # the shared blocks are stored once
     assert cache.stats.evicted_blocks == cache.stats.stored_blocks - cache.blocks
     # The shared prefix, touched by every prompt, survived; so did the newest prompts' own blocks.
-    reused, past = cache.match([*base, *range(1900, 1908), 7, 8])
+    reused, past, _ = cache.match([*base, *range(1900, 1908), 7, 8])
     assert reused == 16 and past is not None and past[0].shape == (1, 2, 16, 8)
     assert cache.match([*base, *range(0, 8), 7, 8])[0] == 8  # an old prompt's own blocks are gone, not its prefix
     assert cache.match([1, 2, 3])[0] == 0
@@ -196,6 +236,43 @@ def test_a_prompt_leaves_at_least_two_tokens_to_compute() -> None:
     assert cache.match([*prompt, 99, 100])[0] == 8
 
 
+def _ramp(tokens: int) -> list[np.ndarray]:
+    return [np.arange(2 * tokens * 8, dtype=np.float32).reshape(2, tokens, 8) + 1000 * i for i in range(4)]
+
+
+@pytest.mark.parametrize("length", [3, 8, 10])  # shorter than a block, whole blocks, blocks and an end
+def test_a_prompt_read_whole_is_reused_whole_with_its_logits(length: int) -> None:
+    """A prompt stored with its last token's logits is found whole: all its KV and those logits, nothing to
+    compute. Any other prompt, even one that only extends it, reuses its blocks and computes two tokens or more."""
+    cache = PrefixCache(1 << 20, block=4)
+    prompt, kv, logits = list(range(100, 100 + length)), _ramp(12), np.linspace(-1, 1, 10, dtype=np.float32)
+    cache.store(prompt, kv, logits=logits)
+    match = cache.match(prompt, columns=16)
+    assert match.tokens == length and match.past is not None and match.past[0].shape == (1, 2, 16, 8)
+    np.testing.assert_array_equal(match.logits, logits)
+    for ours, theirs in zip(match.past, kv, strict=True):
+        np.testing.assert_array_equal(ours[0, :, :length], theirs[:, :length])
+    assert cache.match(prompt).past[0].shape == (1, 2, length, 8)  # exact arrays
+    for other in ([*prompt, 5], [*prompt, 5, 6], [*prompt[:-1], 99]):
+        match = cache.match(other)
+        assert match.logits is None and match.tokens == (len(other) - 2) // 4 * 4
+    assert cache.stats.whole_hits == 2
+
+
+def test_a_prompts_end_is_evicted_before_its_blocks() -> None:
+    """An end is a leaf of its prompt's chain: under pressure it goes first, and the blocks still serve."""
+    block_bytes = 4 * 2 * 4 * 8 * 4
+    end_bytes = 4 * 2 * 2 * 8 * 4 + 10 * 4  # two tokens' KV, ten logits
+    cache = PrefixCache(2 * block_bytes + end_bytes, block=4)
+    prompt, logits = list(range(10)), np.zeros(10, dtype=np.float32)
+    cache.store(prompt, _ramp(10), logits=logits)
+    assert cache.used_bytes == cache.budget_bytes and cache.match(prompt).tokens == 10
+    cache.store([50, 51], _ramp(2), logits=logits)  # an end of its own, as large: one must go
+    assert cache.used_bytes == cache.budget_bytes and cache.stats.evicted_blocks == 1
+    assert cache.match([50, 51]).tokens == 2
+    match = cache.match(prompt)
+    assert match.logits is None and match.tokens == 8
+
 
 def test_a_held_sequence_hands_over_its_buffers_within_its_prompt() -> None:
     """The buffers of a lone sequence that left the batch serve the next prompt in place (no copy out of the
@@ -206,9 +283,9 @@ def test_a_held_sequence_hands_over_its_buffers_within_its_prompt() -> None:
     cache.store(prompt, _kv(3))
     buffers = [np.zeros((1, 2, 24, 8), dtype=np.float32) for _ in range(4)]
     cache.hold(prompt, buffers)
-    reused, past = cache.match([*prompt[:8], 50, 51, 52], columns=16)
+    reused, past, _ = cache.match([*prompt[:8], 50, 51, 52], columns=16)
     assert reused == 8 and past is buffers
-    reused, past = cache.match([*prompt[:8], 50, 51, 52], columns=16)
+    reused, past, _ = cache.match([*prompt[:8], 50, 51, 52], columns=16)
     assert reused == 8 and past is not buffers and past[0].shape == (1, 2, 16, 8)
     np.testing.assert_array_equal(past[1][0, :, :8], _kv(2)[1])
     for ids, columns, held in (([*prompt, 50, 51], 16, prompt[:8]),  # a prefix beyond the held prompt
@@ -238,8 +315,7 @@ def test_cached_tokens_are_reported_in_usage_streamed_and_not(client: openai.Ope
     first = _ask(client, "What is a prime number?")
     again = _ask(client, "What is a prime number?")
     assert again.choices[0].message.content == first.choices[0].message.content
-    cached = again.usage.prompt_tokens_details.cached_tokens
-    assert again.usage.prompt_tokens - 16 <= cached < again.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens  # read whole before
     chunks = list(_ask(client, "What is an even number?", stream=True, stream_options={"include_usage": True}))
     details = chunks[-1].usage.prompt_tokens_details
     assert 0 < details.cached_tokens < chunks[-1].usage.prompt_tokens
@@ -266,6 +342,7 @@ def test_kv_memory_and_its_budgets_show_in_models_and_metrics(client: openai.Ope
     assert card["kv_cache_bytes"] == 0  # nothing decoding now
     metrics = httpx.get(f"{server.url}/metrics").text
     for name in ("fastllm_kv_budget_bytes", "fastllm_kv_cache_bytes", "fastllm_prefix_cache_hits",
+                 "fastllm_prefix_cache_whole_hits",
                  "fastllm_prefix_cache_queries", "fastllm_prefix_cache_cached_tokens",
                  "fastllm_prefix_cache_evicted_blocks", "fastllm_decode_steps", "fastllm_decode_steps_int8"):
         assert f'{name}{{model="{CHAT}"}}' in metrics

@@ -110,7 +110,7 @@ FAULT_AFTER = 3  # tokens the decode-fault request produces before its sampler r
 class FaultyApp(NamedTuple):
     client: TestClient
     model: ServedModel
-    faults: list[int]  # the batch size at each injected fault
+    faults: list[tuple[int, int]]  # (the request's seed, the batch size) at each injected fault
 
 
 @pytest.fixture
@@ -120,14 +120,14 @@ def faulty_app(smollm2_fp32: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
     Litestar's TestClient runs the app on one event loop in a portal thread; requests sent from several
     threads are served concurrently there, so they share the engine's batch.
     """
-    faults: list[int] = []
+    faults: list[tuple[int, int]] = []
 
     class FaultySampler(Sampler):
         def sample(self, logits: np.ndarray) -> tuple[int, object]:
             produced = sum(self.output_counts.values())
             if (self.params.seed == PREFILL_FAULT
                     or (self.params.seed == DECODE_FAULT and produced == FAULT_AFTER)):
-                faults.append(model.generator.stats.last_batch_size if model.generator else 0)
+                faults.append((self.params.seed, model.generator.stats.last_batch_size if model.generator else 0))
                 raise RuntimeError("injected sampling fault")
             return super().sample(logits)
 
@@ -187,9 +187,12 @@ def test_a_request_failing_in_the_engine_gets_a_500_while_its_batch_finishes(fau
     chunks = [json.loads(e) for e in events[:-1]]
     assert chunks[-1]["error"]["code"] == "engine_error"
     assert not any(c["choices"][0].get("finish_reason") for c in chunks[:-1] if c["choices"])
-    assert len(faults) == 3
+    # Each decode fault once; the prefill fault once, or twice where the prompt, read whole by the first faulty
+    # request, joined with the third's in one group (nothing computed) and was sampled again alone after the fault.
+    seeds = [seed for seed, _ in faults]
+    assert seeds.count(DECODE_FAULT) == 2 and seeds.count(PREFILL_FAULT) in (1, 2) and len(seeds) <= 4, faults
     # Every fault struck while the neighbours were decoding in the same batch.
-    assert all(size >= len(neighbours) for size in faults), faults
+    assert all(size >= len(neighbours) for _, size in faults), faults
 
     # Nothing is left behind and the engine keeps serving.
     deadline = time.monotonic() + 10

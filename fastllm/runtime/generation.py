@@ -32,7 +32,7 @@ from fastllm.runtime.decoder import Decoder, StepOutput
 from fastllm.runtime.detokenize import IncrementalDetokenizer
 from fastllm.runtime.grammar import CompiledGrammar
 from fastllm.runtime.kv_cache import BatchCache, to_host
-from fastllm.runtime.prefix_cache import PrefixCache
+from fastllm.runtime.prefix_cache import PrefixCache, PrefixMatch
 from fastllm.runtime.sampling import Sampler, SamplingParams, TokenLogprob
 from fastllm.runtime.speculation import Drafter, TokenHistory
 from fastllm.tokenization.tokenizer import Tokenizer
@@ -127,6 +127,8 @@ class _Pending:
         # (tokens, KV) of the prompt's start already computed: found in the prefix cache, then grown by chunks.
         self.reused: tuple[int, list[Any] | None] | None = None
         self.cached_tokens = 0  # of those, the ones the prefix cache gave
+        # The prompt was cached whole: its last token's logits, from which its first token is sampled (no run).
+        self.logits: np.ndarray | None = None
         # A prompt read in chunks on graphs that share KV buffers: buffers for the whole prompt, written in place.
         self.buffers: list[Any] | None = None
         # Read beside the decode steps: made there too, the batch's arrays to join (faulted in) and the blocks of
@@ -307,12 +309,13 @@ class GenerationEngine:
                 while self._waiting:
                     pending = self._waiting[0]
                     if pending.reused is None:  # the prefix store is consulted once, at the head of the queue
-                        pending.reused = self._reused(pending.request.prompt_ids)
-                        pending.cached_tokens = pending.reused[0]
+                        match = self._reused(pending.request.prompt_ids)
+                        pending.reused, pending.cached_tokens, pending.logits = match[:2], match.tokens, match.logits
                         if self.decoder.shares_kv:  # the cached prefix, already in buffers with room for the rest
-                            pending.buffers = pending.reused[1]
-                    if pending.reused[0] and group:
-                        break  # a prompt that continues a cached prefix is prefilled alone
+                            pending.buffers = match.past
+                    whole = pending.logits is not None  # nothing to compute: such prompts join together
+                    if group and (whole != (group[0].logits is not None) or (pending.reused[0] and not whole)):
+                        break  # prompts cached whole join together; one that continues a cached prefix goes alone
                     ids = len(pending.request.prompt_ids) - pending.reused[0]
                     rows_after = sum(p.request.n for p in group) + pending.request.n
                     longest_prompt = max(len(p.request.prompt_ids) for p in [*group, pending])
@@ -341,7 +344,7 @@ class GenerationEngine:
                     group.append(self._waiting.popleft())
                     slots -= pending.request.n
                     longest = max(longest, ids)
-                    if not self.decoder.batched_prefill or pending.reused[0]:
+                    if not whole and (not self.decoder.batched_prefill or pending.reused[0]):
                         break
             if chunked is not None:
                 self._prefill_chunk(chunked, chunk_tokens)
@@ -385,9 +388,9 @@ class GenerationEngine:
             f"kv_budget_mb ({self.kv_budget_bytes / 2**20:.0f} MB) for {self.name}", param="messages",
             code="kv_budget_exceeded")
 
-    def _reused(self, prompt: list[int]) -> tuple[int, list[Any] | None]:
+    def _reused(self, prompt: list[int]) -> PrefixMatch:
         if self.prefix_cache is None:
-            return 0, None
+            return PrefixMatch(0, None)
         return self.prefix_cache.match(prompt, self._room(prompt) if self.decoder.shares_kv else None)
 
     def _chunk_tokens(self) -> int:
@@ -512,13 +515,16 @@ class GenerationEngine:
         On graphs that write their KV in place a lone prompt is read into buffers with room to decode into: the
         cached prefix's (written there by the prefix store), its chunks', or new ones. An empty batch adopts
         them as they are; a prompt's present without that room was copied whole at the first decode step (77 ms
-        for 3.5k tokens of SmolLM2, a stall before its second token)."""
+        for 3.5k tokens of SmolLM2, a stall before its second token). Prompts cached whole are not read at all."""
         reused, past = group[0].reused or (0, None)
-        lone = len(group) == 1 and self.decoder.shares_kv
+        whole = group[0].logits is not None
+        lone = len(group) == 1 and self.decoder.shares_kv and not whole
         beside = self._read is not None  # on this thread's share of the cores
         if lone and group[0].buffers is None:
             group[0].buffers = self.decoder.kv_buffers(self._room(group[0].request.prompt_ids))
-        if group[0].buffers is not None:  # the rest of a prompt read into buffers: its cached prefix's or chunks'
+        if whole:
+            out = self._cached_output(group)
+        elif group[0].buffers is not None:  # the rest of a prompt read into buffers: its cached prefix's or chunks'
             out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, group[0].buffers, in_place=True,
                                              beside=beside)
             group[0].buffers = None
@@ -527,7 +533,7 @@ class GenerationEngine:
             out = self.decoder.prefill_after(group[0].request.prompt_ids, reused, past, beside=beside)
         else:
             out = self.decoder.prefill([p.request.prompt_ids for p in group], beside=beside)
-        self.stats.prefill_runs += 1
+        self.stats.prefill_runs += not whole
         rows: list[int] = []
         alive: list[_Sequence] = []
         sent: list[tuple[_Pending, list[Delta]]] = []
@@ -561,23 +567,39 @@ class GenerationEngine:
                              into=group[0].join_into if len(group) == 1 else None)
             group[0].join_into = None
             self._running.extend(alive)
+        for pending in group:  # what they came with is the batch's now, or not needed
+            pending.buffers = pending.logits = None
         self._update_stats()
         for pending, deltas in sent:
             pending.send(deltas)
         # After the first tokens are on their way: copying a long prompt's KV into the store is not what its client
         # waits for (4k tokens of SmolLM2, 188 MB: 50 ms on memory the heap recycles, 430-550 ms on fresh pages).
         # Before the next step, which may write into the same buffers beyond the prompt.
-        if self.prefix_cache is not None:
+        if self.prefix_cache is not None and not whole:
             present = [to_host(p) for p in out.present]
             for row, pending in enumerate(group):
-                self._keep(pending.request.prompt_ids, [p[row] for p in present])
+                self._keep(pending.request.prompt_ids, [p[row] for p in present], logits=out.logits[row])
 
-    def _keep(self, ids: list[int], kv: list[Any], copies: dict[int, list[np.ndarray]] | None = None) -> None:
-        """Keep KV in the prefix store. The store only saves later work, so a fault in it (no memory for the
-        blocks, say) costs the reuse, not a request: after a prefill the rows have joined and their first tokens
-        are sent (_prefill_group would read them again), and a finished row's step serves the others too."""
+    def _cached_output(self, group: list[_Pending]) -> StepOutput:
+        """What reading prompts cached whole would give: their KV, stacked as the batch's cache would lay them out,
+        and their last tokens' logits."""
+        if len(group) == 1:
+            present = group[0].reused[1]  # type: ignore[index]
+        else:
+            stacked = BatchCache(right_padded=self.decoder.right_padded, shared=self.decoder.shares_kv)
+            for pending in group:
+                stacked.join(pending.reused[1], [len(pending.request.prompt_ids)])  # type: ignore[index]
+            present = stacked.past
+        return StepOutput(logits=np.stack([pending.logits for pending in group]), present=present)  # type: ignore[misc]
+
+    def _keep(self, ids: list[int], kv: list[Any], copies: dict[int, list[np.ndarray]] | None = None,
+              logits: np.ndarray | None = None) -> None:
+        """Keep KV in the prefix store (and a whole prompt's ``logits``). The store only saves later work, so a
+        fault in it (no memory for the blocks, say) costs the reuse, not a request: after a prefill the rows have
+        joined and their first tokens are sent (_prefill_group would read them again), and a finished row's step
+        serves the others too."""
         try:
-            self.prefix_cache.store(ids, kv, copies)  # type: ignore[union-attr]
+            self.prefix_cache.store(ids, kv, copies, logits)  # type: ignore[union-attr]
         except Exception:
             log.exception("keeping KV in the prefix cache failed for %s", self.name)
 

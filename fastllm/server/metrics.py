@@ -35,6 +35,8 @@ class Metrics:
                              for name, help_text in (
                                  ("queries", "Prompts looked up in the prefix cache"),
                                  ("hits", "Prompts that reused cached KV (hit rate = hits / queries)"),
+                                 ("whole_hits", "Of those, prompts cached whole with their last logits: nothing "
+                                                "computed"),
                                  ("cached_tokens", "Prompt tokens reused from the prefix cache"),
                                  ("evicted_blocks", "Blocks evicted from the prefix cache"),
                                  ("bytes", "Host memory held by the prefix cache"),
@@ -70,6 +72,7 @@ class Metrics:
     def watch_prefix_cache(self, model: str, cache: Any) -> None:
         """The prefix cache's counters, read at scrape time."""
         for name, read in (("queries", lambda: cache.stats.queries), ("hits", lambda: cache.stats.hits),
+                           ("whole_hits", lambda: cache.stats.whole_hits),
                            ("cached_tokens", lambda: cache.stats.cached_tokens),
                            ("evicted_blocks", lambda: cache.stats.evicted_blocks),
                            ("bytes", lambda: cache.used_bytes), ("budget_bytes", lambda: cache.budget_bytes)):
