@@ -123,8 +123,10 @@ class RuntimeConfig(_Section):
     # Decode steps of at least this many rows also run through that prompt graph: its integer GEMM outruns the int4
     # kernel once a step multiplies several rows (2-core Xeon: +7% at 4 rows, +14% / +34% at 8 for SmolLM2 /
     # Qwen2.5-Coder-0.5B; slower at 1-2). A request's greedy answer then depends on how many others decode beside
-    # it, as each graph rounds its own way. 0: every decode step through the int4 graph, greedy answers the same
-    # alone and batched (batch-invariant).
+    # it, as each graph rounds its own way. 1: every step through the int8 graph, whose rows compute alike alone and
+    # batched on any CPU (batch-invariant greedy but while a prompt is read beside the steps). 0: every step through
+    # the int4 graph, batch-invariant only where the CPU's one-row int4 kernel sums as the batched one does
+    # (AVX-512, not AVX2-only CPUs: see runtime.models._check_batch_invariance).
     int8_decode_rows: int = Field(default=4, ge=0)
     # Requests waiting for a slot before new ones get 429.
     max_queue: int = Field(default=64, ge=0)

