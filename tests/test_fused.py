@@ -152,11 +152,12 @@ def _parting(solo: list[TokenLogprob], batched: list[TokenLogprob]) -> str | Non
 @pytest.mark.parametrize("export", ["smollm2_fused_int4", "qwen_coder_int4"])
 def test_int4_batches_give_each_request_its_solo_answer(export: str, request: pytest.FixtureRequest) -> None:
     """A row of an int4 batch computes what it computes alone, to rounding, where the CPU's kernels allow it
-    (Decoder.one_row_drift): on AVX-512 CPUs (this project's Xeon and Zen 4 machines) ONNX Runtime 1.32's
+    (Decoder.one_row_drift): on this project's earlier machines (an AVX-512 Xeon, AMD EPYCs) ONNX Runtime 1.32's
     MatMulNBits (int8 compute) and GroupQueryAttention give decode steps alike at batch 1 and 16, and a batched
     answer parts from its solo answer at most at a near-tie. On an AVX2-only CPU the one-row kernel rounds its own
     way and the answers part within a few tokens, so there the test stops at that probe; rows in batches of two or
-    more still compute alike (the next test), and the int8 graph's rows alike at any count (the one after). A
+    more still compute alike there (test_int4_rows_compute_alike_in_batches_of_two_or_more), and the int8 graph's
+    rows alike at any count (test_wide_decode_steps_run_through_the_int8_graph_and_batch_like_solo_there). A
     batching bug (a row reading another's KV, a wrong pad) parts at the first token, far from any tie.
     Multi-token steps round differently from single-token ones: see docs/speculative-decoding.md.
     ``int8_decode_rows = 0`` keeps every decode step on the int4 graph."""
