@@ -176,17 +176,9 @@ class Decoder:
         0.21 and 0.14 apart after one step from an empty past (this probe), 0.4-4 with a past. In the int8
         prompt graph every layer's product is integer arithmetic, the same at any row count; only its int4
         vocabulary projection has the one-row kernel, so its drift stays at rounding."""
-        session = self.prompt_session if prompt else self.session
-        logits = []
-        for rows in (1, 2):
-            feeds: dict[str, np.ndarray] = {"input_ids": np.ones((rows, 1), dtype=np.int64),
-                                            "attention_mask": np.ones((rows, 1), dtype=np.int64)}
-            if self.has_position_ids:
-                feeds["position_ids"] = np.zeros((rows, 1), dtype=np.int64)
-            if self.keeps_logits:
-                feeds[LOGITS_TO_KEEP] = np.asarray([1], dtype=np.int64)
-            feeds.update(zip(self.past_names, self.empty_past(rows), strict=True))
-            logits.append(np.asarray(session.run(["logits"], feeds)[0], dtype=np.float32)[:, -1])
+        logits = [self.forward(np.ones((rows, 1), dtype=np.int64), np.ones((rows, 1), dtype=np.int64),
+                               np.zeros((rows, 1), dtype=np.int64), self.empty_past(rows), prompt=prompt).logits
+                  for rows in (1, 2)]
         return float(np.abs(logits[1] - logits[0][0]).max())
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
