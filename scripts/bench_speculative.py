@@ -69,21 +69,22 @@ PROMPTS = {
 def run(url: str, model: str, prompt: str, max_tokens: int, extra: dict[str, Any]) -> dict[str, Any]:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **extra}
-    started = time.perf_counter()
     first = last = 0.0
     text, usage = "", {}
-    with httpx.Client(timeout=600) as client, client.stream("POST", f"{url}/chat/completions", json=body) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices") or []:
-                if (choice.get("delta") or {}).get("content"):
-                    last = time.perf_counter()
-                    first = first or last
-                    text += choice["delta"]["content"]
+    with httpx.Client(timeout=600) as client:  # made before the clock: its SSL context is not the server's time
+        started = time.perf_counter()
+        with client.stream("POST", f"{url}/chat/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    if (choice.get("delta") or {}).get("content"):
+                        last = time.perf_counter()
+                        first = first or last
+                        text += choice["delta"]["content"]
     tokens = int(usage.get("completion_tokens", 0))
     return {"tokens": tokens, "ttft": first - started, "seconds": last - started,
             "decode_tok_s": (tokens - 1) / (last - first) if last > first else 0.0, "text": text}

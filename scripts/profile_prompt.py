@@ -29,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from profile_step import profiled_decoder
 
 from fastllm.manifest import read_manifest
-from fastllm.runtime import providers
-from fastllm.runtime.decoder import Decoder
 
 LINEAR = ("DynamicQuantizeMatMul", "MatMulNBits", "MatMulInteger", "MatMul", "Gemm")
 
@@ -66,19 +65,7 @@ def graph_work(path: Path) -> tuple[int, int, int]:
 
 def profile(folder: Path, tokens: int, threads: int) -> dict[str, object]:
     manifest = read_manifest(folder)
-    base = providers.session_options
-
-    def profiled(threads: int, **kwargs: object):
-        options = base(threads, **kwargs)
-        options.enable_profiling = True
-        options.profile_file_prefix = f"/tmp/fastllm-prompt-{folder.name}-{tokens}"
-        return options
-
-    providers.session_options = profiled  # create_session reads it at call time
-    try:
-        decoder = Decoder(folder, manifest, threads=threads)
-    finally:
-        providers.session_options = base
+    decoder = profiled_decoder(folder, threads, f"/tmp/fastllm-prompt-{folder.name}-{tokens}")
     graph = folder / (manifest.prefill_file if decoder.has_prefill_graph else manifest.onnx_file)
     heads, per_token, head = graph_work(graph)
     runs: list[tuple[int, int]] = []  # (new tokens, tokens attended to) of each run

@@ -25,20 +25,26 @@ from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.kv_cache import BatchCache
 
 
-def profile(folder: Path, batch: int, context: int, steps: int, threads: int) -> dict[str, object]:
+def profiled_decoder(folder: Path, threads: int, prefix: str) -> Decoder:
+    """The engine's own Decoder, its sessions made with ONNX Runtime's profiler on (files under ``prefix``), so
+    that what is profiled is what the server runs."""
     base = providers.session_options
 
     def profiled(threads: int, **kwargs: object):
         options = base(threads, **kwargs)
         options.enable_profiling = True
-        options.profile_file_prefix = f"/tmp/fastllm-profile-{folder.name}-b{batch}"
+        options.profile_file_prefix = prefix
         return options
 
     providers.session_options = profiled  # create_session reads it at call time
     try:
-        decoder = Decoder(folder, read_manifest(folder), threads=threads)
+        return Decoder(folder, read_manifest(folder), threads=threads)
     finally:
         providers.session_options = base
+
+
+def profile(folder: Path, batch: int, context: int, steps: int, threads: int) -> dict[str, object]:
+    decoder = profiled_decoder(folder, threads, f"/tmp/fastllm-profile-{folder.name}-b{batch}")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 20000, size=context).tolist() for _ in range(batch)]
     out = decoder.prefill(prompts)
