@@ -116,8 +116,7 @@ async def prompt_sizes(url: str, model: str, sizes: list[int], sizer: Sizer, rep
             system = {"role": "system", "content": passage(sizer.words(size), seed=size + 7919 * i + int(time.time()))}
             colds.append(await stream(url, model, [system, _question(0)], 8))
             warms.append(await stream(url, model, [system, _question(1)], 8))
-        cold = sorted(colds, key=lambda r: r["ttft"])[len(colds) // 2]
-        warm = sorted(warms, key=lambda r: r["ttft"])[len(warms) // 2]
+        cold, warm = bench_reports.median_run(colds, "ttft"), bench_reports.median_run(warms, "ttft")
         rows.append({"size": size, "prompt_tokens": cold["usage"].get("prompt_tokens"), "cold_ttft": cold["ttft"],
                      "warm_ttft": warm["ttft"], "cold_ttfts": [r["ttft"] for r in colds],
                      "warm_ttfts": [r["ttft"] for r in warms],
@@ -169,21 +168,24 @@ def _pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else (values[0] if values else 0.0)
 
 
+def _ms_per_token(row: dict[str, Any]) -> float:
+    return row["cold_ttft"] * 1000 / row["prompt_tokens"] if row["prompt_tokens"] else 0.0
+
+
 def markdown(reports: list[dict[str, Any]]) -> str:
     lines = ["Cold and warm TTFTs are medians of each server's reads of every size (`--repeat`, a new system prompt "
              "each time).", "", "| server | prompt tokens | cold TTFT (ms per prompt token) | warm TTFT (same system "
              "prompt, new question) |", "|---|---|---|---|"]
     for report in reports:
         for row in report["sizes"]:
-            per_token = row["cold_ttft"] * 1000 / row["prompt_tokens"] if row["prompt_tokens"] else 0.0
             lines.append(f"| {report['label']} | {row['prompt_tokens']} | {row['cold_ttft']:.2f} s "
-                         f"({per_token:.2f}) | {row['warm_ttft']:.2f} s |")
+                         f"({_ms_per_token(row):.2f}) | {row['warm_ttft']:.2f} s |")
     lines += ["", "| server | cold ms per prompt token, shortest prompt → longest | longest ÷ shortest |",
               "|---|---|---|"]
     for report in reports:
         rows = [row for row in report["sizes"] if row["prompt_tokens"]]
         if len(rows) >= 2:
-            first, last = (row["cold_ttft"] * 1000 / row["prompt_tokens"] for row in (rows[0], rows[-1]))
+            first, last = _ms_per_token(rows[0]), _ms_per_token(rows[-1])
             lines.append(f"| {report['label']} | {first:.2f} ({rows[0]['prompt_tokens']} tokens) → {last:.2f} "
                          f"({rows[-1]['prompt_tokens']} tokens) | {last / first:.2f}× |")
     lines += ["", "| server | chat turn 1 TTFT (prompt tokens) | last turn's TTFT (prompt tokens) |", "|---|---|---|"]

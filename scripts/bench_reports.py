@@ -21,6 +21,12 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", type=Path, help="write the table here too")
 
 
+def median_run(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The run whose ``key`` is the median (the upper one of an even count): a whole run, so that its other
+    figures (the answer, the usage) belong to the same request."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
+
+
 def finish(args: argparse.Namespace, measure: Callable[[], dict[str, Any]],
            table: Callable[[list[dict[str, Any]]], str]) -> None:
     """Merge ``--merge`` results with this run's (``measure()``, when a URL was given), print the table and

@@ -95,7 +95,7 @@ def measure(url: str, label: str, repeat: int, max_tokens: int, extra: dict[str,
     rows = {}
     for name, prompt in PROMPTS.items():
         runs = [run(url, model, prompt, max_tokens, extra) for _ in range(repeat)]
-        best = sorted(runs, key=lambda r: r["decode_tok_s"])[len(runs) // 2]
+        best = bench_reports.median_run(runs, "decode_tok_s")
         rows[name] = {**best, "decode_tok_s_all": [round(r["decode_tok_s"], 1) for r in runs]}
         print(f"{label:45s} {name:10s} {best['tokens']:4d} tokens  {best['decode_tok_s']:6.1f} tok/s "
               f"(runs {rows[name]['decode_tok_s_all']})")

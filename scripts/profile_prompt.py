@@ -65,7 +65,7 @@ def graph_work(path: Path) -> tuple[int, int, int]:
 
 def profile(folder: Path, tokens: int, threads: int) -> dict[str, object]:
     manifest = read_manifest(folder)
-    decoder = profiled_decoder(folder, threads, f"/tmp/fastllm-prompt-{folder.name}-{tokens}")
+    decoder = profiled_decoder(folder, manifest, threads, f"/tmp/fastllm-prompt-{folder.name}-{tokens}")
     graph = folder / (manifest.prefill_file if decoder.has_prefill_graph else manifest.onnx_file)
     heads, per_token, head = graph_work(graph)
     runs: list[tuple[int, int]] = []  # (new tokens, tokens attended to) of each run
@@ -118,8 +118,10 @@ def needed(short: dict, long: dict, target: float) -> str:
     work = [row["attention_gflop"] / row["tokens"] for row in (short, long)]
     if rest[1] >= target * rest[0]:
         return f"{target}x is out of reach even with attention free"
+    if work[1] <= target * work[0]:
+        return f"{target}x holds at any attention rate: the rest of the read alone stays under it"
     rate = (work[1] - target * work[0]) / (target * rest[0] - rest[1])
-    return (f"{target}x needs attention at {rate:.0f} GFLOP/s ({rate / long['linear_gop_s']:.2f}x the linear "
+    return (f"{target}x needs attention at {rate:.1f} GFLOP/s ({rate / long['linear_gop_s']:.2f}x the linear "
             f"layers' rate; measured {long['attention_gflop_s']})")
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from fastllm.manifest import read_manifest
+from fastllm.manifest import Manifest, read_manifest
 from fastllm.runtime import providers
 from fastllm.runtime.decoder import Decoder
 from fastllm.runtime.kv_cache import BatchCache
 
 
-def profiled_decoder(folder: Path, threads: int, prefix: str) -> Decoder:
+def profiled_decoder(folder: Path, manifest: Manifest, threads: int, prefix: str) -> Decoder:
     """The engine's own Decoder, its sessions made with ONNX Runtime's profiler on (files under ``prefix``), so
     that what is profiled is what the server runs."""
     base = providers.session_options
@@ -38,13 +38,13 @@ def profiled_decoder(folder: Path, threads: int, prefix: str) -> Decoder:
 
     providers.session_options = profiled  # create_session reads it at call time
     try:
-        return Decoder(folder, read_manifest(folder), threads=threads)
+        return Decoder(folder, manifest, threads=threads)
     finally:
         providers.session_options = base
 
 
 def profile(folder: Path, batch: int, context: int, steps: int, threads: int) -> dict[str, object]:
-    decoder = profiled_decoder(folder, threads, f"/tmp/fastllm-profile-{folder.name}-b{batch}")
+    decoder = profiled_decoder(folder, read_manifest(folder), threads, f"/tmp/fastllm-profile-{folder.name}-b{batch}")
     rng = np.random.default_rng(0)
     prompts = [rng.integers(100, 20000, size=context).tolist() for _ in range(batch)]
     out = decoder.prefill(prompts)
