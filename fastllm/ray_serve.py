@@ -108,6 +108,11 @@ def run(settings: Settings, *, replicas: int, max_ongoing_requests: int = 32, nu
         # fails with ActorDiedError. A proxy that is merely slow is given a minute.
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
         os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "30")
+        # Ray starts its workers, and so every replica, at niceness 15: beside any ordinary process on the
+        # machine the replicas then get a few percent of a core (on 2 cores with 2 busy processes: 42-token
+        # prompts answered in 3-5 s instead of 50 ms, replicas 3 min to load instead of 6 s). The replicas are
+        # the server, so they run at the niceness `fastllm serve` itself has. A joined cluster keeps its own.
+        os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,18 @@ import pytest
 from serving import chat_and_embedding_config, run_server
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed")
+
+
+def replica_niceness() -> list[int]:
+    """The niceness of each process Ray titled as one of our replicas."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"ServeReplica:fastllm" in (proc / "cmdline").read_bytes():
+                found.append(os.getpriority(os.PRIO_PROCESS, int(proc.name)))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def test_two_replicas_serve_chat_and_embeddings_through_the_proxy(smollm2_fp32: Path, minilm_export: Path,
@@ -35,6 +48,8 @@ def test_two_replicas_serve_chat_and_embeddings_through_the_proxy(smollm2_fp32: 
                     break
             assert len(replicas) == 2, replicas
             assert httpx.get(f"{server.url}/ready").status_code == 200
+            # Ray would start them at niceness 15, starved beside any ordinary process; they are the server.
+            assert replica_niceness() == [os.getpriority(os.PRIO_PROCESS, 0)] * 2
             # A conversation's turns stay on one replica (its prefix cache); conversations spread over both.
             homes: dict[str, set[str]] = {}
             for turn in range(2):
